@@ -1,0 +1,173 @@
+"""Shared numerics of the Σ-norm decompositions (float64 throughout).
+
+Notation: a weight W of shape (T, S, kh, kw) is matricized as W₁ = W.reshape(T, S·P), P = kh·kw, in the
+column order of ``F.unfold`` (input channel major, then kernel row, then kernel column). Σ is (S·P, S·P)
+in the same order. The Σ-norm of a (m, S·P) matrix X is ‖X Σ^{1/2}‖_F, i.e. sqrt(tr(X Σ Xᵀ)).
+``sigma=None`` stands for Σ = I (the Frobenius norm) and takes the same code path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+DTYPE = torch.float64
+
+
+def as_matrix(weight: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """(T, S, kh, kw) or (T, S) weight -> (W₁ float64 (T, S·kh·kw), 4-d shape (T, S, kh, kw))."""
+    if weight.dim() == 2:
+        shape4 = (weight.shape[0], weight.shape[1], 1, 1)
+    elif weight.dim() == 4:
+        shape4 = tuple(weight.shape)
+    else:
+        raise ValueError(f"weight must be (T, S) or (T, S, kh, kw), got shape {tuple(weight.shape)}")
+    w1 = weight.detach().to(DTYPE).reshape(shape4[0], -1)
+    if not torch.isfinite(w1).all():
+        raise ValueError("weight contains NaN or Inf")
+    return w1, shape4  # type: ignore[return-value]
+
+
+def prepare_sigma(sigma: Tensor | None, dim: int, reg: float) -> Tensor | None:
+    """Validate Σ (dim, dim), symmetrize it and add ``reg``·(tr Σ / dim)·I (regularization relative
+    to Σ's scale, so singular Σ — zero padding, dead channels — stays positive definite)."""
+    if sigma is None:
+        return None
+    if sigma.shape != (dim, dim):
+        raise ValueError(f"sigma must be ({dim}, {dim}) for this weight, got {tuple(sigma.shape)}")
+    s = sigma.detach().to(DTYPE)
+    if not torch.isfinite(s).all():
+        raise ValueError("sigma contains NaN or Inf")
+    s = 0.5 * (s + s.T)
+    scale = torch.trace(s) / dim
+    if scale <= 0:
+        raise ValueError("sigma has a non-positive trace: no input energy was recorded for this layer")
+    return s + (reg * scale) * torch.eye(dim, dtype=DTYPE, device=s.device)
+
+
+def sigma_matmul(x: Tensor, sigma: Tensor | None) -> Tensor:
+    """X Σ for X (m, S·P); X itself when Σ = I."""
+    return x if sigma is None else x @ sigma
+
+
+def sq_sigma_norm(x: Tensor, sigma: Tensor | None) -> Tensor:
+    """‖X Σ^{1/2}‖_F² = tr(X Σ Xᵀ) for X (m, S·P)."""
+    return (sigma_matmul(x, sigma) * x).sum()
+
+
+def relative_error(w1: Tensor, approx1: Tensor, sigma: Tensor | None) -> float:
+    """‖(W₁ − W̃₁) Σ^{1/2}‖_F / ‖W₁ Σ^{1/2}‖_F (both (T, S·P))."""
+    return float(torch.sqrt(sq_sigma_norm(w1 - approx1, sigma) / sq_sigma_norm(w1, sigma)))
+
+
+def top_eigh(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of a symmetric matrix, eigenvalues descending, eigenvector signs fixed
+    (largest-magnitude entry positive) so that results are deterministic."""
+    vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
+    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
+    idx = vecs.abs().argmax(dim=0)
+    signs = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
+    signs[signs == 0] = 1
+    return vals, vecs * signs
+
+
+def orthonormal_columns(x: Tensor) -> Tensor:
+    """Q of the thin QR of x with a positive diagonal of R (unique, deterministic)."""
+    q, r = torch.linalg.qr(x)
+    d = torch.sign(torch.diagonal(r))
+    d[d == 0] = 1
+    return q * d
+
+
+def conjugate_gradient(
+    apply: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    x0: Tensor,
+    precondition: Callable[[Tensor], Tensor],
+    tol: float,
+    max_iter: int,
+) -> Tensor:
+    """Preconditioned CG for the SPD system apply(x) = rhs (tensors of any shape, Frobenius inner
+    product), stopped when the residual has shrunk by ``tol`` from the warm start x0 (or reached round-off)
+    or after ``max_iter`` steps. Every iterate minimizes the quadratic ½⟨x, Ax⟩ − ⟨b, x⟩ over x0 + a
+    Krylov space that contains x0, so it never increases from x0: the property that keeps ALS monotone."""
+    x = x0.clone()
+    r = rhs - apply(x)
+    rhs_norm = torch.linalg.vector_norm(rhs)
+    if rhs_norm == 0:
+        return torch.zeros_like(x0)
+    stop = max(tol * float(torch.linalg.vector_norm(r)), 1e-15 * float(rhs_norm))
+    z = precondition(r)
+    p = z.clone()
+    rz = (r * z).sum()
+    for _ in range(max_iter):
+        if torch.linalg.vector_norm(r) <= stop:
+            break
+        ap = apply(p)
+        curvature = (p * ap).sum()
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        x += alpha * p
+        r -= alpha * ap
+        z = precondition(r)
+        rz_new = (r * z).sum()
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+class InputFactorSolver:
+    """Least squares for the input-channel factor U (S, R) shared by Tucker-2 and CP.
+
+    The model is X(U)[m, (s, p)] = Σ_b U[s, b] F[m, b, p] with F (m, R, P) fixed, fitted to a target Y
+    given through YΣ (m, S·P): minimize ‖(Y − X(U)) Σ^{1/2}‖² (+ damping·‖U − U₀‖²). The normal equations
+    A(U) = B are SPD with S·R unknowns, A(U) = Fᵀ-contraction of X(U) Σ. They are solved by CG,
+    warm-started at U₀, preconditioned by the Kronecker approximation A(U) ≈ Σ̄ U K̄ with
+    Σ̄ = mean_p Σ[(·,p),(·,p)] (S, S) and K̄ = Σ_{m,p} F[m,:,p]ᵀ F[m,:,p] (R, R); exact when Σ = I.
+    """
+
+    def __init__(self, sigma: Tensor | None, n_in: int, n_pos: int):
+        self.sigma = sigma
+        self.n_in, self.n_pos = n_in, n_pos
+        if sigma is None:
+            self.sigma_bar_chol, self.sigma_scale = None, 1.0
+        else:
+            blocks = sigma.reshape(n_in, n_pos, n_in, n_pos).diagonal(dim1=1, dim2=3)  # (S, S, P)
+            sigma_bar = blocks.mean(dim=2)
+            self.sigma_bar_chol = torch.linalg.cholesky(sigma_bar)
+            self.sigma_scale = float(torch.trace(sigma_bar)) / n_in
+
+    def solve(
+        self, f: Tensor, y_sigma: Tensor, u0: Tensor, damping: float, tol: float, max_iter: int
+    ) -> Tensor:
+        """Return U (S, R) for F (m, R, P), YΣ (m, S·P), warm start U₀ (S, R)."""
+        m, rank, n_pos = f.shape
+        n_in = self.n_in
+
+        def model(u: Tensor) -> Tensor:
+            return torch.einsum("sb,mbp->msp", u, f).reshape(m, n_in * n_pos)
+
+        def contract(x_sigma: Tensor) -> Tensor:
+            return torch.einsum("msp,mbp->sb", x_sigma.reshape(m, n_in, n_pos), f)
+
+        k_bar = torch.einsum("mbp,mcp->bc", f, f)
+        k_scale = float(torch.trace(k_bar)) / rank
+        mu = damping * k_scale * self.sigma_scale
+
+        def apply(u: Tensor) -> Tensor:
+            return contract(sigma_matmul(model(u), self.sigma)) + mu * u
+
+        # Preconditioner Σ̄ ⊗ (K̄ + μ/scale(Σ)): the exact inverse of the operator when Σ is a multiple of I.
+        shift = (damping + 1e-12) * k_scale
+        k_chol = torch.linalg.cholesky(k_bar + shift * torch.eye(rank, dtype=f.dtype, device=f.device))
+
+        def precondition(r: Tensor) -> Tensor:
+            z = r if self.sigma_bar_chol is None else torch.cholesky_solve(r, self.sigma_bar_chol)
+            return torch.cholesky_solve(z.T, k_chol).T
+
+        rhs = contract(y_sigma) + mu * u0
+        return conjugate_gradient(apply, rhs, u0, precondition, tol, max_iter)
+

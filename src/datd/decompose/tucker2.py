@@ -1,0 +1,111 @@
+"""Tucker-2 in the Σ-norm by alternating least squares.
+
+W̃ = G ×₁ U_T ×₂ U_S with U_T (T, R_T), G (R_T, R_S, kh, kw), U_S (S, R_S): the kernel modes are kept.
+With Q = U_S ⊗ I_P (S·P, R_S·P) the model is W̃₁ = U_T G₁ Qᵀ. One sweep:
+
+1. U_S step: with (U_T, G) fixed, minimize over U_S. Its normal equations are SPD with S·R_S unknowns;
+   they are solved by preconditioned CG warm-started at the current U_S (``InputFactorSolver``), then
+   U_S is re-orthonormalized (the next step absorbs the change of basis exactly).
+2. (U_T, G) step, jointly closed form for fixed U_S (reduced-rank regression): with C = W₁ Σ Q and
+   Qᵀ Σ Q = K Kᵀ, U_T = top-R_T left singular vectors of C K⁻ᵀ and G₁ = U_Tᵀ C (Qᵀ Σ Q)⁻¹.
+
+Both steps minimize exactly or monotonically, so the Σ-error never increases across sweeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._linalg import (
+    DTYPE, InputFactorSolver, as_matrix, orthonormal_columns, prepare_sigma, relative_error, sigma_matmul, top_eigh,
+)
+from .base import Decomposition
+from .svd import DEFAULT_SIGMA_REG
+
+
+@dataclass
+class Tucker2(Decomposition):
+    """W̃ = core ×₁ out_factor ×₂ in_factor: ``out_factor`` U_T (T, R_T), ``core`` G (R_T, R_S, kh, kw)
+    (or (R_T, R_S) for a matrix), ``in_factor`` U_S (S, R_S) with orthonormal columns."""
+
+    out_factor: Tensor
+    core: Tensor
+    in_factor: Tensor
+    method = "tucker2"
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.out_factor.shape[1], self.in_factor.shape[1])
+
+    def reconstruct(self) -> Tensor:
+        r_out, r_in = self.ranks
+        core = self.core.reshape(r_out, r_in, -1)
+        return torch.einsum("ta,abp,sb->tsp", self.out_factor, core, self.in_factor).reshape(self.shape)
+
+
+def tucker2(
+    weight: Tensor,
+    sigma: Tensor | None = None,
+    ranks: tuple[int, int] = (1, 1),
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-5,
+    init: str = "hosvd",
+    seed: int = 0,
+    cg_iter: int = 20,
+    cg_tol: float = 1e-3,
+    sigma_reg: float = DEFAULT_SIGMA_REG,
+) -> Tucker2:
+    """Tucker-2 fit of ``weight`` ((T, S, kh, kw) or (T, S)) with ``ranks`` = (R_T, R_S) in the Σ-norm
+    (Frobenius if sigma=None). Stops when a sweep lowers the relative error by less than ``tol``
+    (relative) or after ``max_iter`` sweeps. ``init``: 'hosvd' (top singular vectors of the mode-2
+    unfolding; deterministic) or 'random' (seeded)."""
+    w1, (n_out, n_in, kh, kw) = as_matrix(weight)
+    r_out, r_in = ranks
+    n_pos = kh * kw
+    if not (1 <= r_out <= n_out and 1 <= r_in <= n_in):
+        raise ValueError(f"ranks must satisfy 1 <= R_T <= {n_out} and 1 <= R_S <= {n_in}, got {ranks}")
+    s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
+    w_sigma = sigma_matmul(w1, s)
+    solver = InputFactorSolver(s, n_in, n_pos)
+
+    def core_step(u_s: Tensor) -> tuple[Tensor, Tensor]:
+        c = torch.einsum("tsp,sb->tbp", w_sigma.reshape(n_out, n_in, n_pos), u_s).reshape(n_out, -1)
+        if s is None:
+            chol = torch.eye(r_in * n_pos, dtype=DTYPE, device=w1.device)
+        else:
+            sq = torch.einsum("xsp,sb->xbp", s.reshape(-1, n_in, n_pos), u_s)
+            gram = torch.einsum("sqbp,sa->aqbp", sq.reshape(n_in, n_pos, r_in, n_pos), u_s)
+            chol = torch.linalg.cholesky(gram.reshape(r_in * n_pos, r_in * n_pos))
+        z = torch.linalg.solve_triangular(chol, c.T, upper=False).T
+        _, u_t = top_eigh(z @ z.T, r_out)
+        g = torch.linalg.solve_triangular(chol.T, (u_t.T @ z).T, upper=True).T
+        return u_t, g.reshape(r_out, r_in, n_pos)
+
+    def error(u_t: Tensor, g: Tensor, u_s: Tensor) -> float:
+        return relative_error(w1, torch.einsum("ta,abp,sb->tsp", u_t, g, u_s).reshape(n_out, -1), s)
+
+    if init == "hosvd":
+        mode2 = w1.reshape(n_out, n_in, n_pos).permute(1, 0, 2).reshape(n_in, -1)
+        _, u_s = top_eigh(mode2 @ mode2.T, r_in)
+    elif init == "random":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        u_s = orthonormal_columns(torch.randn(n_in, r_in, generator=gen, dtype=DTYPE).to(w1.device))
+    else:
+        raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
+    u_t, g = core_step(u_s)
+    history = [error(u_t, g, u_s)]
+    for _ in range(max_iter):
+        if history[-1] < 1e-13:
+            break
+        u_s = solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter)
+        u_s = orthonormal_columns(u_s)
+        u_t, g = core_step(u_s)
+        history.append(error(u_t, g, u_s))
+        if history[-2] - history[-1] <= tol * history[-2]:
+            break
+    core_shape = (r_out, r_in) + tuple(weight.shape[2:])
+    return Tucker2(tuple(weight.shape), out_factor=u_t, core=g.reshape(core_shape), in_factor=u_s, history=history)

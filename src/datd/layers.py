@@ -1,0 +1,271 @@
+"""Factorized layers: drop-in replacements for Conv2d / Linear made of plain torch layers.
+
+- ``Tucker2Conv2d``: 1×1 conv S→R_S (U_Sᵀ) → kh×kw conv R_S→R_T (core, original stride/padding/dilation)
+  → 1×1 conv R_T→T (U_T, bias).
+- ``CPConv2d``: 1×1 conv S→R (Bᵀ) → depthwise kh×1 conv (vertical factor, stride/padding/dilation along
+  height) → depthwise 1×kw conv (horizontal factor, along width) → 1×1 conv R→T (A, bias).
+- ``LowRankConv2d``: kh×kw conv S→R (original geometry) → 1×1 conv R→T (bias); ``LowRankLinear``:
+  Linear S→R → Linear R→T (bias).
+
+Each class builds its structure from an original layer and ranks (``from_conv`` / ``from_linear``), loads
+a decomposition's factors (``load_factors``) and counts its parameters and multiply-accumulates exactly
+(``cost``), from the original layer's geometry. Modules are ``nn.Sequential`` with named children
+(``first``, …, ``last``), so they script, export and print like any torch model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .decompose import CP, Decomposition, LowRank, Tucker2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the cost of a Conv2d/Linear depends on: weight shape (T, S/G, kh, kw) or (T, S), groups, bias,
+    input and output spatial size ((rows per sample, 1) for a Linear). ``add_bias``: its factorized
+    replacement gets a bias even if the layer has none (bias correction)."""
+
+    weight_shape: tuple[int, ...]
+    groups: int
+    bias: bool
+    input_hw: tuple[int, int]
+    output_hw: tuple[int, int]
+    add_bias: bool = False
+
+    @classmethod
+    def of(cls, layer: nn.Module, input_hw: tuple[int, int], output_hw: tuple[int, int], add_bias: bool = False) -> "Geometry":
+        groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        return cls(tuple(layer.weight.shape), groups, layer.bias is not None, tuple(input_hw), tuple(output_hw), add_bias)
+
+    @property
+    def factorized_bias(self) -> bool:
+        return self.bias or self.add_bias
+
+    @property
+    def kernel_positions(self) -> int:
+        return math.prod(self.weight_shape[2:])
+
+    @property
+    def in_positions(self) -> int:
+        return self.input_hw[0] * self.input_hw[1]
+
+    @property
+    def out_positions(self) -> int:
+        return self.output_hw[0] * self.output_hw[1]
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.params + other.params, self.macs + other.macs)
+
+
+def dense_cost(g: Geometry) -> Cost:
+    """Parameters and MACs (per sample) of the original Conv2d/Linear."""
+    n_weights = math.prod(g.weight_shape)
+    return Cost(n_weights + (g.weight_shape[0] if g.bias else 0), n_weights * g.out_positions)
+
+
+def _conv(n_in: int, n_out: int, kernel, conv: nn.Conv2d | None = None, **kwargs) -> nn.Conv2d:
+    kwargs.setdefault("bias", False)
+    factory = {} if conv is None else {"device": conv.weight.device, "dtype": conv.weight.dtype}
+    return nn.Conv2d(n_in, n_out, kernel, **kwargs, **factory)
+
+
+def _geometry(conv: nn.Conv2d) -> dict:
+    return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "padding_mode": conv.padding_mode}
+
+
+def _check_conv(conv: nn.Module) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
+    if conv.groups != 1:
+        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not factorized")
+
+
+def _set(module: nn.Module, value: Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(value.reshape(module.weight.shape))
+
+
+def _set_bias(last: nn.Module, bias: Tensor | None) -> None:
+    if bias is not None:
+        with torch.no_grad():
+            last.bias.copy_(bias)
+
+
+class Tucker2Conv2d(nn.Sequential):
+    kind = "tucker2"
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int], bias: bool | None = None) -> "Tucker2Conv2d":
+        """Structure for ``conv`` with ranks (R_T, R_S); ``bias`` defaults to whether ``conv`` has one."""
+        _check_conv(conv)
+        r_out, r_in = ranks
+        bias = conv.bias is not None if bias is None else bias
+        return cls(OrderedDict(
+            first=_conv(conv.in_channels, r_in, 1, conv),
+            core=_conv(r_in, r_out, conv.kernel_size, conv, **_geometry(conv)),
+            last=_conv(r_out, conv.out_channels, 1, conv, bias=bias),
+        ))
+
+    def load_factors(self, d: Tucker2, bias: Tensor | None) -> "Tucker2Conv2d":
+        _set(self.first, d.in_factor.T)
+        _set(self.core, d.core)
+        _set(self.last, d.out_factor)
+        _set_bias(self.last, bias)
+        return self
+
+    @staticmethod
+    def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
+        r_out, r_in = ranks
+        n_out, n_in, p = g.weight_shape[0], g.weight_shape[1], g.kernel_positions
+        return (
+            Cost(n_in * r_in, n_in * r_in * g.in_positions)
+            + Cost(r_in * r_out * p, r_in * r_out * p * g.out_positions)
+            + Cost(r_out * n_out + (n_out if g.factorized_bias else 0), r_out * n_out * g.out_positions)
+        )
+
+
+class CPConv2d(nn.Sequential):
+    kind = "cp"
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "CPConv2d":
+        """Structure for ``conv`` with CP rank ``ranks[0]``; stride, padding and dilation are split between
+        the vertical (height) and horizontal (width) depthwise convs."""
+        _check_conv(conv)
+        (rank,) = ranks
+        bias = conv.bias is not None if bias is None else bias
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        if isinstance(conv.padding, str):
+            pad_v = pad_h = conv.padding
+        else:
+            pad_v, pad_h = (conv.padding[0], 0), (0, conv.padding[1])
+        mode = conv.padding_mode
+        return cls(OrderedDict(
+            first=_conv(conv.in_channels, rank, 1, conv),
+            vertical=_conv(rank, rank, (kh, 1), conv, stride=(sh, 1), padding=pad_v, dilation=(dh, 1), groups=rank,
+                           padding_mode=mode),
+            horizontal=_conv(rank, rank, (1, kw), conv, stride=(1, sw), padding=pad_h, dilation=(1, dw), groups=rank,
+                             padding_mode=mode),
+            last=_conv(rank, conv.out_channels, 1, conv, bias=bias),
+        ))
+
+    def load_factors(self, d: CP, bias: Tensor | None) -> "CPConv2d":
+        _set(self.first, d.in_factor.T)
+        _set(self.vertical, d.vertical.T)
+        _set(self.horizontal, d.horizontal.T)
+        _set(self.last, d.out_factor)
+        _set_bias(self.last, bias)
+        return self
+
+    @staticmethod
+    def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
+        (rank,) = ranks
+        n_out, n_in, kh, kw = g.weight_shape
+        mid_positions = g.output_hw[0] * g.input_hw[1]  # after the vertical conv: output height, input width
+        return (
+            Cost(n_in * rank, n_in * rank * g.in_positions)
+            + Cost(rank * kh, rank * kh * mid_positions)
+            + Cost(rank * kw, rank * kw * g.out_positions)
+            + Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
+        )
+
+
+class LowRankConv2d(nn.Sequential):
+    kind = "svd"
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "LowRankConv2d":
+        _check_conv(conv)
+        (rank,) = ranks
+        bias = conv.bias is not None if bias is None else bias
+        return cls(OrderedDict(
+            first=_conv(conv.in_channels, rank, conv.kernel_size, conv, **_geometry(conv)),
+            last=_conv(rank, conv.out_channels, 1, conv, bias=bias),
+        ))
+
+    def load_factors(self, d: LowRank, bias: Tensor | None) -> "LowRankConv2d":
+        _set(self.first, d.in_factor)
+        _set(self.last, d.out_factor)
+        _set_bias(self.last, bias)
+        return self
+
+    @staticmethod
+    def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
+        (rank,) = ranks
+        n_out, n_in, p = g.weight_shape[0], g.weight_shape[1], g.kernel_positions
+        return (
+            Cost(n_in * p * rank, n_in * p * rank * g.out_positions)
+            + Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
+        )
+
+
+class LowRankLinear(nn.Sequential):
+    kind = "svd"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, ranks: tuple[int, ...], bias: bool | None = None) -> "LowRankLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        (rank,) = ranks
+        bias = linear.bias is not None if bias is None else bias
+        factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        return cls(OrderedDict(
+            first=nn.Linear(linear.in_features, rank, bias=False, **factory),
+            last=nn.Linear(rank, linear.out_features, bias=bias, **factory),
+        ))
+
+    def load_factors(self, d: LowRank, bias: Tensor | None) -> "LowRankLinear":
+        _set(self.first, d.in_factor)
+        _set(self.last, d.out_factor)
+        _set_bias(self.last, bias)
+        return self
+
+    cost = LowRankConv2d.cost
+
+
+FACTORIZED: dict[str, type[nn.Sequential]] = {"tucker2": Tucker2Conv2d, "cp": CPConv2d, "svd": LowRankConv2d}
+
+
+def factorized_class(layer: nn.Module, method: str) -> type[nn.Sequential]:
+    """The factorized module class for ``layer`` (Conv2d or Linear) and ``method``."""
+    if isinstance(layer, nn.Linear):
+        if method != "svd":
+            raise ValueError(f"Linear layers are factorized with 'svd', not {method!r}")
+        return LowRankLinear
+    if method not in FACTORIZED:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(FACTORIZED)}")
+    return FACTORIZED[method]
+
+
+def build(layer: nn.Module, method: str, ranks: tuple[int, ...], bias: bool | None = None) -> nn.Sequential:
+    """An (unloaded) factorized replacement of ``layer``."""
+    cls = factorized_class(layer, method)
+    make = cls.from_linear if isinstance(layer, nn.Linear) else cls.from_conv
+    return make(layer, tuple(ranks), bias)
+
+
+def factorize(layer: nn.Module, decomposition: Decomposition, bias: Tensor | None = None) -> nn.Sequential:
+    """The factorized replacement of ``layer`` computing ``decomposition`` (+ ``bias``, default: the
+    layer's own bias)."""
+    if bias is None and layer.bias is not None:
+        bias = layer.bias.detach()
+    module = build(layer, decomposition.method, decomposition.ranks, bias is not None)
+    return module.load_factors(decomposition, bias)
+
+
+__all__ = [
+    "CPConv2d", "Cost", "Geometry", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d",
+    "build", "dense_cost", "factorize", "factorized_class",
+]

@@ -1,0 +1,371 @@
+"""``compress``: statistics → sensitivities → options → plan → fits → surgery → report.
+
+Each stage has plain inputs and outputs so it can be run, saved and resumed on its own: statistics are a
+file (``Statistics``), a plan is JSON (``Plan``), fits are ``Decomposition``s, the result is a model plus a
+report dict. Fitting a layer needs only its own weight and statistics, so a later sequential mode can
+recollect statistics on the partially compressed model between fits without changing the other stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .decompose import DEFAULT_SIGMA_REG, Decomposition
+from .evaluate import accuracy, count_macs, count_params
+from .fitting import NORMS, FitSettings, LayerProblem, damage, fit, output_errors, relative_sigma_error, svd_damage_curve
+from .layers import Cost, Geometry, dense_cost, factorize
+from .plan import METHODS, Option, Plan, Target, allocate, check_ranks, factorized_cost, metric_of, rank_ladder, ranks_for_fraction
+from .sensitivity import output_sensitivity
+from .stats import Statistics, batch_inputs, collect_stats
+from .surgery import candidate_layers, replace_module, skip_reason
+
+RANK_MODES = ("auto", "uniform")
+
+
+@dataclass
+class CompressConfig:
+    """Everything that decides the result of ``compress`` (all JSON-serializable).
+
+    target: whole-model budget, 'params=F' or 'macs=F' (F in (0, 1)).
+    method: 'tucker2', 'cp', 'svd' or 'auto' (per layer, the decomposition with the least damage for its
+        budget). Kernels of 1×1 and Linear layers always use 'svd' (every method is a matrix factorization
+        there, and the Σ-SVD is its closed-form optimum).
+    norm: 'sigma' (fit ‖(W − W̃)Σ^{1/2}‖) or 'frobenius' (fit ‖W − W̃‖, the classical baseline).
+    ranks: 'auto' (data-aware global allocation), 'uniform' (the same reduction ratio in every layer) or
+        the path of a plan JSON.
+    bias_correction: remove the mean output error through the bias and fit in the input covariance.
+    sensitivity: weigh each layer's output errors by measured Fisher sensitivities when allocating ranks
+        ('auto' ranks); False weighs all output errors equally.
+    sensitivity_images: calibration images used to measure sensitivities.
+    candidates: per-layer cost fractions at which iterative decompositions are fitted as planning options
+        (with at most ``candidate_iter`` sweeps; the chosen ones are then refitted with ``max_iter``).
+    min_params: layers with fewer weights are left alone.
+    """
+
+    target: str = "params=0.5"
+    method: str = "auto"
+    norm: str = "sigma"
+    ranks: str = "auto"
+    bias_correction: bool = True
+    sensitivity: bool = True
+    sensitivity_images: int = 512
+    candidates: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    min_params: int = 1000
+    sigma_reg: float = DEFAULT_SIGMA_REG
+    candidate_iter: int = 15
+    max_iter: int = 100
+    tol: float = 1e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.target = str(Target.parse(self.target))
+        if self.method not in METHODS + ("auto",):
+            raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {self.method!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        self.ranks = str(self.ranks)
+        if self.ranks not in RANK_MODES and not Path(self.ranks).is_file():
+            raise ValueError(f"ranks must be 'auto', 'uniform' or an existing plan file, got {self.ranks!r}")
+        self.candidates = tuple(sorted(float(c) for c in self.candidates))
+        if not self.candidates or not all(0 < c < 1 for c in self.candidates):
+            raise ValueError("candidates must be fractions in (0, 1)")
+
+    @property
+    def settings(self) -> FitSettings:
+        return FitSettings(self.norm, self.bias_correction, self.sigma_reg, self.max_iter, self.tol, self.seed)
+
+
+@dataclass
+class _Layer:
+    problem: LayerProblem
+    module: nn.Module
+    methods: tuple[str, ...]
+    sensitivity: torch.Tensor  # per-output-channel weights of the damage (ones unless measured)
+    fits: dict[tuple[str, tuple[int, ...]], Decomposition] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.problem.geometry
+
+
+def compress(
+    model: nn.Module,
+    calib: Iterable,
+    config: CompressConfig | None = None,
+    *,
+    stats: Statistics | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    eval_data: Iterable | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **overrides,
+) -> tuple[nn.Module, dict]:
+    """Compress a copy of ``model`` to the configured budget; return it with a report dict.
+
+    ``calib``: re-iterable calibration batches (a DataLoader or a list of tensors / (input, label) pairs;
+    no labels needed). ``config``: a ``CompressConfig``; keyword ``overrides`` set its fields
+    (``compress(model, calib, target="params=0.5", method="tucker2")``). ``stats``: reuse saved statistics
+    (for instance from another data set) instead of collecting them on ``calib``. ``filter_fn(module,
+    name)`` chooses the layers that may be compressed. ``eval_data``: (input, label) batches; when given,
+    the report holds top-1 accuracy before and after.
+    """
+    config = CompressConfig(**{**(asdict(config) if config else {}), **overrides})
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = torch.device(device) if device else next(model.parameters()).device
+    original = model.to(device).eval()
+    compressed = copy.deepcopy(original)
+    settings, target = config.settings, Target.parse(config.target)
+    example = batch_inputs(next(iter(calib)))[:1].to(device)
+    before = Cost(count_params(compressed), count_macs(compressed, example))
+
+    candidates = candidate_layers(compressed, filter_fn)
+    skipped: dict[str, str] = {}
+    for name, module in candidates.items():
+        reason = skip_reason(module, config.min_params)
+        if reason:
+            skipped[name] = reason
+    wanted = [n for n in candidates if n not in skipped]
+
+    tick = time.perf_counter()
+    if stats is None:
+        stats = collect_stats(compressed, calib, wanted, device=device, progress=progress)
+    else:
+        stats.check(compressed)
+    timings["statistics"] = time.perf_counter() - tick
+
+    layers: dict[str, _Layer] = {}
+    plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
+    for name in wanted:
+        if name not in stats:
+            skipped[name] = "no statistics for this layer"
+            continue
+        if plan_file is not None and (name not in plan_file or plan_file[name][0] == "dense"):
+            skipped[name] = "kept dense by the plan"
+            continue
+        layers[name] = _make_layer(name, candidates[name], stats, config)
+
+    tick = time.perf_counter()
+    if config.ranks == "auto" and config.sensitivity and layers:
+        measured = output_sensitivity(
+            compressed, calib, {n: l.module for n, l in layers.items()},
+            max_images=config.sensitivity_images, seed=config.seed, device=device, progress=progress,
+        )
+        for name, layer in layers.items():
+            layer.sensitivity = measured[name].to(layer.problem.sigma.device)
+    timings["sensitivity"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    total = metric_of(before, target.metric)
+    fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
+    budget = int(target.fraction * total) - fixed
+    if plan_file is not None:
+        choice = {n: _option_from_plan(n, l, plan_file[n], settings) for n, l in layers.items()}
+    elif config.ranks == "uniform":
+        choice = _uniform(layers, budget, target, settings, config, total, fixed)
+    else:
+        options = _options(layers, config, target, progress)
+        try:
+            choice = allocate(options, budget, target.metric)
+        except ValueError as exc:
+            raise ValueError(_infeasible(target, total, fixed, options)) from exc
+    timings["planning"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    entries = {}
+    for name, layer in tqdm(layers.items(), desc="fit", unit="layer", disable=not progress, leave=False):
+        option = choice[name]
+        if option.method == "dense":
+            skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
+            continue
+        decomposition = _fit_cached(layer, option.method, option.ranks, settings)
+        approx = decomposition.reconstruct()
+        bias = layer.problem.corrected_bias(approx, settings.bias_correction)
+        module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
+        replace_module(compressed, name, module)
+        out_err = output_errors(layer.problem, approx, settings.bias_correction).sum()
+        w = layer.problem.matrix
+        entries[name] = {
+            "method": option.method, "ranks": list(option.ranks),
+            "cost": factorized_cost(option.method, layer.geometry, option.ranks),
+            "sigma_error": relative_sigma_error(layer.problem, approx),
+            "output_error": float(torch.sqrt(out_err / ((w @ layer.problem.sigma) * w).sum())),
+            "damage": damage(layer.problem, approx, layer.sensitivity, settings.bias_correction),
+            "sweeps": len(decomposition.history) - 1,
+            "bias": bias is not None,
+        }
+    timings["fitting"] = time.perf_counter() - tick
+
+    after = Cost(count_params(compressed), count_macs(compressed, example))
+    report = _report(config, candidates, stats, skipped, entries, before, after, timings, start)
+    if eval_data is not None:
+        tick = time.perf_counter()
+        report["accuracy_before"] = accuracy(original, eval_data, device=device, progress=progress)
+        report["accuracy_after"] = accuracy(compressed, eval_data, device=device, progress=progress)
+        report["timings"]["evaluation"] = time.perf_counter() - tick
+    return compressed, report
+
+
+def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig) -> _Layer:
+    s = stats[name]
+    geometry = Geometry.of(module, s.input_hw, s.output_hw, add_bias=config.bias_correction)
+    problem = LayerProblem(name, module.weight.detach().double(), s.sigma.to(module.weight.device), s.mean.to(module.weight.device),
+                           geometry, None if module.bias is None else module.bias.detach().double())
+    matrix_like = isinstance(module, nn.Linear) or geometry.kernel_positions == 1
+    if matrix_like:
+        methods: tuple[str, ...] = ("svd",)
+    elif config.method == "auto":
+        methods = METHODS
+    else:
+        methods = (config.method,)
+    ones = torch.ones(module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
+    return _Layer(problem, module, methods, ones)
+
+
+def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
+    key = (method, tuple(ranks), settings.max_iter)
+    if key not in layer.fits:
+        layer.fits[key] = fit(layer.problem, method, ranks, settings)
+    return layer.fits[key]
+
+
+def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, progress: bool) -> dict[str, list[Option]]:
+    """Planning options per layer: dense, every Σ-SVD rank (closed-form damages), and fits of the
+    iterative decompositions at the candidate cost fractions."""
+    settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
+    options: dict[str, list[Option]] = {}
+    for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
+        g = layer.geometry
+        opts = [Option("dense", (), dense_cost(g), 0.0)]
+        for method in layer.methods:
+            if method == "svd":
+                curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
+                opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in rank_ladder("svd", g)]
+                continue
+            ranks_seen = set()
+            for fraction in config.candidates:
+                ranks = ranks_for_fraction(method, g, fraction, target.metric)
+                if ranks is None or ranks in ranks_seen:
+                    continue
+                ranks_seen.add(ranks)
+                approx = _fit_cached(layer, method, ranks, settings).reconstruct()
+                opts.append(Option(method, ranks, factorized_cost(method, g, ranks),
+                                   damage(layer.problem, approx, layer.sensitivity, settings.bias_correction)))
+        options[name] = opts
+    return options
+
+
+def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings, config: CompressConfig,
+             total: int, fixed: int) -> dict[str, Option]:
+    """The same cost ratio ρ in every layer: the largest ρ (bisection) whose per-layer ranks — the largest
+    with cost ≤ ρ · dense cost — fit the budget. With method 'auto', each layer takes the decomposition with
+    the least damage at its ratio."""
+    metric = target.metric
+    compressible = sum(metric_of(dense_cost(l.geometry), metric) for l in layers.values())
+
+    def ranks_at(ratio: float) -> dict[tuple[str, str], tuple[int, ...]]:
+        out = {}
+        for name, layer in layers.items():
+            for method in layer.methods:
+                ranks = ranks_for_fraction(method, layer.geometry, ratio, metric)
+                ladder = rank_ladder(method, layer.geometry)
+                if ranks is None and not ladder:
+                    continue
+                out[name, method] = ranks if ranks is not None else ladder[0]
+        return out
+
+    def worst_total(ratio: float) -> int:
+        worst: dict[str, int] = {}
+        for (name, method), ranks in ranks_at(ratio).items():
+            cost = metric_of(factorized_cost(method, layers[name].geometry, ranks), metric)
+            worst[name] = max(worst.get(name, 0), cost)
+        return sum(worst.values())
+
+    low, high = 0.0, 1.0
+    if worst_total(low) > budget:
+        options = {n: [Option(m, r, factorized_cost(m, layers[n].geometry, r)) for (n2, m), r in ranks_at(0.0).items() if n2 == n]
+                   for n in layers}
+        raise ValueError(_infeasible(target, total, fixed, options))
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if worst_total(mid) <= budget else (low, mid)
+    chosen: dict[str, Option] = {}
+    for (name, method), ranks in ranks_at(low).items():
+        layer = layers[name]
+        approx = _fit_cached(layer, method, ranks, settings).reconstruct()
+        option = Option(method, ranks, factorized_cost(method, layer.geometry, ranks),
+                        damage(layer.problem, approx, layer.sensitivity, settings.bias_correction))
+        if name not in chosen or option.damage < chosen[name].damage:
+            chosen[name] = option
+    for name in layers:
+        chosen.setdefault(name, Option("dense", (), dense_cost(layers[name].geometry)))
+    return chosen
+
+
+def _option_from_plan(name: str, layer: _Layer, entry: tuple[str, tuple[int, ...]], settings: FitSettings) -> Option:
+    method, ranks = entry
+    if method not in layer.methods and not (method == "svd"):
+        raise ValueError(f"plan: layer '{name}' cannot use {method!r} (allowed: {', '.join(layer.methods)})")
+    ranks = check_ranks(method, layer.geometry, ranks, name)
+    return Option(method, ranks, factorized_cost(method, layer.geometry, ranks))
+
+
+def _infeasible(target: Target, total: int, fixed: int, options: dict[str, list[Option]]) -> str:
+    cheapest = fixed + sum(min(metric_of(o.cost, target.metric) for o in opts) for opts in options.values())
+    return (f"impossible budget {target}: with every compressible layer at its smallest rank the model keeps "
+            f"{cheapest / total:.3f} of its {target.metric} ({cheapest:,} of {total:,}); choose a larger fraction")
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import safetensors
+    import torchvision
+
+    return {"datd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def _report(config: CompressConfig, candidates: dict[str, nn.Module], stats: Statistics, skipped: dict[str, str],
+            entries: dict[str, dict], before: Cost, after: Cost, timings: dict[str, float], start: float) -> dict:
+    layers = []
+    for name, module in candidates.items():
+        entry = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+                 "shape": list(module.weight.shape)}
+        s = stats.get(name)
+        g = Geometry.of(module, s.input_hw, s.output_hw) if s is not None else None
+        if g is not None:
+            dense = dense_cost(g)
+            entry.update(params_before=dense.params, macs_before=dense.macs)
+        if name in entries:
+            e = dict(entries[name])
+            cost = e.pop("cost")
+            entry.update(e, params_after=cost.params, macs_after=cost.macs)
+        else:
+            entry["skipped"] = skipped.get(name, "not selected")
+            if g is not None:
+                entry.update(params_after=entry["params_before"], macs_after=entry["macs_before"])
+        layers.append(entry)
+    return {
+        "format": "datd-report/1",
+        "params_before": before.params, "params_after": after.params, "params_ratio": after.params / before.params,
+        "macs_before": before.macs, "macs_after": after.macs, "macs_ratio": after.macs / before.macs,
+        "seconds": time.perf_counter() - start,
+        "timings": timings,
+        "config": asdict(config),
+        "statistics": {"num_images": stats.num_images, "description": stats.description},
+        "versions": _versions(),
+        "layers": layers,
+        "plan": Plan({n: Option(e["method"], tuple(e["ranks"]), e["cost"]) for n, e in entries.items()},
+                     dict(skipped), config.target).to_json(),
+    }

@@ -1,0 +1,234 @@
+"""Turning a whole-model budget into per-layer methods and ranks.
+
+Pure bookkeeping over ``Option``s (a method, its ranks, their exact cost, a predicted damage); no model,
+no data. The pipeline supplies the options (from Σ-SVD spectra and measured fits) and the damages
+(Σ-errors weighted by measured sensitivities); this module chooses among them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import read_json, write_json
+from .layers import FACTORIZED, Cost, Geometry, dense_cost
+
+PLAN_FORMAT = "datd-plan/1"
+METHODS = ("tucker2", "cp", "svd")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A whole-model budget: ``metric`` ('params' or 'macs') at ``fraction`` of the original model."""
+
+    metric: str
+    fraction: float
+
+    @classmethod
+    def parse(cls, spec: "str | Target") -> "Target":
+        if isinstance(spec, Target):
+            return spec
+        match = re.fullmatch(r"\s*(params|macs)\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*", str(spec))
+        if not match:
+            raise ValueError(f"target must look like 'params=0.5' or 'macs=0.4', got {spec!r}")
+        fraction = float(match.group(2))
+        if not 0 < fraction < 1:
+            raise ValueError(f"the target fraction must be in (0, 1), got {fraction}")
+        return cls(match.group(1), fraction)
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.fraction:g}"
+
+    def of(self, cost: Cost) -> int:
+        return metric_of(cost, self.metric)
+
+
+def metric_of(cost: Cost, metric: str) -> int:
+    """``cost.params`` or ``cost.macs``."""
+    return cost.params if metric == "params" else cost.macs
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to treat a layer: ``method`` ('dense' keeps it), ``ranks``, its exact ``cost`` and a
+    predicted ``damage`` (non-negative; 0 for 'dense')."""
+
+    method: str
+    ranks: tuple[int, ...]
+    cost: Cost
+    damage: float = 0.0
+
+
+def factorized_cost(method: str, geometry: Geometry, ranks: tuple[int, ...]) -> Cost:
+    """Exact cost of a factorized layer (the single definition lives on the layer classes)."""
+    return FACTORIZED[method].cost(geometry, ranks)
+
+
+def max_ranks(method: str, geometry: Geometry) -> tuple[int, ...]:
+    """The largest meaningful ranks of ``method`` for a weight (T, S, kh, kw)."""
+    n_out, n_in = geometry.weight_shape[:2]
+    p = geometry.kernel_positions
+    if method == "svd":
+        return (min(n_out, n_in * p),)
+    if method == "tucker2":
+        return (n_out, n_in)
+    if method == "cp":
+        return (n_out * n_in * p,)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def rank_ladder(method: str, geometry: Geometry) -> list[tuple[int, ...]]:
+    """Every rank setting of ``method`` that makes the layer strictly smaller in parameters and not larger in
+    MACs than the dense layer, by increasing cost. Tucker-2 ranks move together: (⌈i·T/m⌉, ⌈i·S/m⌉),
+    m = max(T, S), keeping R_T/T ≈ R_S/S."""
+    dense = dense_cost(geometry)
+    n_out, n_in = geometry.weight_shape[:2]
+    if method == "tucker2":
+        m = max(n_out, n_in)
+        candidates = sorted({(math.ceil(i * n_out / m), math.ceil(i * n_in / m)) for i in range(1, m + 1)})
+    else:
+        candidates = [(r,) for r in range(1, max_ranks(method, geometry)[0] + 1)]
+    ladder = []
+    for ranks in candidates:
+        cost = factorized_cost(method, geometry, ranks)
+        if cost.params >= dense.params:
+            break
+        if cost.macs <= dense.macs:
+            ladder.append(ranks)
+    return ladder
+
+
+def check_ranks(method: str, geometry: Geometry, ranks: tuple[int, ...], layer: str) -> tuple[int, ...]:
+    """Validate explicit ranks: within bounds and not making the layer bigger (ValueError naming the layer)."""
+    ranks = tuple(int(r) for r in ranks)
+    bounds = max_ranks(method, geometry)
+    if len(ranks) != len(bounds) or any(not 1 <= r <= b for r, b in zip(ranks, bounds)):
+        raise ValueError(f"layer '{layer}': {method} ranks must be {len(bounds)} integers in [1, {bounds}], got {list(ranks)}")
+    if factorized_cost(method, geometry, ranks).params >= dense_cost(geometry).params:
+        raise ValueError(f"layer '{layer}': {method} ranks {list(ranks)} would not make the layer smaller")
+    return ranks
+
+
+def ranks_for_fraction(method: str, geometry: Geometry, fraction: float, metric: str) -> tuple[int, ...] | None:
+    """The largest ranks on the ladder whose cost is at most ``fraction`` of the dense layer's (None if
+    even the smallest does not fit)."""
+    budget = fraction * metric_of(dense_cost(geometry), metric)
+    ladder = rank_ladder(method, geometry)
+    costs = [metric_of(factorized_cost(method, geometry, r), metric) for r in ladder]
+    i = bisect.bisect_right(costs, budget)
+    return ladder[i - 1] if i else None
+
+
+def _lower_hull(options: list[Option], metric: str) -> list[Option]:
+    """The options on the lower convex hull of (cost, damage), most expensive first: the only ones a
+    Lagrangian allocation can choose (dominated options and options above the hull are dropped)."""
+    staircase: list[Option] = []
+    for o in sorted(options, key=lambda o: (metric_of(o.cost, metric), o.damage)):
+        if not staircase or o.damage < staircase[-1].damage:
+            staircase.append(o)  # cost increasing, damage strictly decreasing
+
+    def cross(a: Option, b: Option, c: Option) -> float:
+        ax, bx, cx = (metric_of(x.cost, metric) for x in (a, b, c))
+        return (bx - ax) * (c.damage - a.damage) - (b.damage - a.damage) * (cx - ax)
+
+    hull: list[Option] = []
+    for o in staircase:
+        while len(hull) >= 2 and cross(hull[-2], hull[-1], o) <= 0:
+            hull.pop()
+        hull.append(o)
+    return hull[::-1]
+
+
+def allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict[str, Option]:
+    """Choose one option per layer to minimize the total damage with the total cost ≤ ``budget``.
+
+    Greedy on each layer's lower convex hull of (cost, damage): start from the least damaging option of
+    every layer and repeatedly take the step down its hull with the least damage added per unit of cost
+    saved (the Lagrangian solution of this separable problem), then spend what is left of the budget on
+    the upgrades that remove the most damage per unit of cost. Raises ValueError when even the cheapest
+    options exceed the budget."""
+    hulls = {name: _lower_hull(opts, metric) for name, opts in options.items()}
+    cheapest = sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
+    if cheapest > budget:
+        raise ValueError(f"budget infeasible: the cheapest choice costs {cheapest:,} {metric}, the budget is {budget:,}")
+    position = {name: 0 for name in hulls}
+    total = sum(metric_of(h[0].cost, metric) for h in hulls.values())
+
+    def step(name: str) -> tuple[float, int] | None:
+        """(damage added per unit saved, units saved) of moving ``name`` one point down its hull."""
+        i, hull = position[name], hulls[name]
+        if i + 1 >= len(hull):
+            return None
+        saved = metric_of(hull[i].cost, metric) - metric_of(hull[i + 1].cost, metric)
+        return (hull[i + 1].damage - hull[i].damage) / saved, saved
+
+    heap = [(s[0], name) for name in hulls if (s := step(name))]
+    heapq.heapify(heap)
+    while total > budget:
+        _, name = heapq.heappop(heap)
+        total -= step(name)[1]  # type: ignore[index]
+        position[name] += 1
+        if (s := step(name)) is not None:
+            heapq.heappush(heap, (s[0], name))
+    chosen = {name: hulls[name][position[name]] for name in hulls}
+    return _spend_leftover(chosen, options, budget - total, metric)
+
+
+def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]], left: int, metric: str) -> dict[str, Option]:
+    """Upgrade layers (to any option, on the hull or not) while the budget allows, the largest damage
+    reduction per unit of cost first."""
+    while True:
+        best, best_rate = None, 0.0
+        for name, current in chosen.items():
+            for o in options[name]:
+                extra = metric_of(o.cost, metric) - metric_of(current.cost, metric)
+                gain = current.damage - o.damage
+                if extra <= left and gain > 0 and gain / max(extra, 1) > best_rate:
+                    best, best_rate = (name, o, extra), gain / max(extra, 1)
+        if best is None:
+            return chosen
+        name, o, extra = best
+        chosen[name] = o
+        left -= extra
+
+
+@dataclass
+class Plan:
+    """Per-layer decisions: ``layers`` maps a layer name to its method and ranks ('dense' keeps the layer);
+    ``skipped`` maps the layers that cannot be compressed to the reason."""
+
+    layers: dict[str, Option]
+    skipped: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "target": self.target,
+            "layers": {n: {"method": o.method, "ranks": list(o.ranks)} for n, o in self.layers.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @staticmethod
+    def read(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Layer -> (method, ranks) from a plan file (validated against the model later, in one place)."""
+        data = read_json(path)
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), dict):
+            raise ValueError(f"{path} is not a datd plan (format {PLAN_FORMAT}, with a 'layers' object)")
+        out = {}
+        for name, entry in data["layers"].items():
+            try:
+                method, ranks = entry["method"], tuple(entry.get("ranks", ()))
+            except (TypeError, KeyError) as exc:
+                raise ValueError(f"{path}: layer '{name}' needs 'method' and 'ranks'") from exc
+            if method not in METHODS + ("dense",):
+                raise ValueError(f"{path}: layer '{name}' has unknown method {method!r}")
+            out[name] = (method, ranks)
+        return out

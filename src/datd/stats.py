@@ -1,0 +1,309 @@
+"""Layer input statistics: Σ = E[x xᵀ] of the input patches of every Conv2d / Linear.
+
+For a Conv2d with weight (T, S/G, kh, kw) a patch x is one zero-padded (or ``padding_mode``-padded)
+im2col column in ``F.unfold`` order (input channel major, then kernel row, then kernel column) at one
+strided output position; every output position of every image weighs the same. With ``groups`` = G > 1
+the statistics hold one block per group: ``sigma`` is (G, D, D) and ``mean`` (G, D) with D = (S/G)·kh·kw,
+block g covering input channels g·S/G … (g+1)·S/G − 1. For a Linear, D = in_features and every row of
+the input's leading dimensions is a sample. Sums are accumulated in float64 and streamed: memory is
+O(Σ sizes), independent of the number of images. Under torch.distributed the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .io import atomic_path
+
+FORMAT = "datd-stats/1"
+SUPPORTED = (nn.Conv2d, nn.Linear)
+LayerFilter = Callable[[nn.Module, str], bool]
+# Unfolded patches are processed in chunks of at most this many float64 elements (memory bound).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer.
+
+    sigma: (D, D) float64 uncentered second moment (or (G, D, D) for grouped convs);
+    mean: (D,) float64 (or (G, D)); count: number of patch vectors averaged (per group);
+    input_hw / output_hw: spatial size of the layer input / output ((rows per sample, 1) for a Linear),
+    used to count MACs.
+    """
+
+    kind: str
+    weight_shape: tuple[int, ...]
+    groups: int
+    sigma: Tensor
+    mean: Tensor
+    count: int
+    input_hw: tuple[int, int]
+    output_hw: tuple[int, int]
+
+    def covariance(self) -> Tensor:
+        """Σ − μμᵀ, the centered second moment (same layout as ``sigma``)."""
+        return self.sigma - self.mean[..., :, None] * self.mean[..., None, :]
+
+    def meta(self) -> dict:
+        return {
+            "kind": self.kind, "weight_shape": list(self.weight_shape), "groups": self.groups,
+            "count": self.count, "input_hw": list(self.input_hw), "output_hw": list(self.output_hw),
+        }
+
+
+class Statistics(dict[str, LayerStats]):
+    """Layer name -> LayerStats, with the provenance needed to reuse it on another run."""
+
+    def __init__(self, layers: dict[str, LayerStats], num_images: int, description: str = ""):
+        super().__init__(layers)
+        self.num_images = num_images
+        self.description = description
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (float64 tensors ``<layer>.sigma`` / ``<layer>.mean``) whose
+        metadata holds JSON: format, layer names, weight shapes, counts, number of images, description."""
+        meta = {
+            "format": FORMAT, "num_images": self.num_images, "description": self.description,
+            "layers": {name: s.meta() for name, s in self.items()},
+        }
+        tensors = {}
+        for name, s in self.items():
+            tensors[f"{name}.sigma"] = s.sigma.detach().cpu().contiguous()
+            tensors[f"{name}.mean"] = s.mean.detach().cpu().contiguous()
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"datd": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Statistics":
+        """Read a file written by ``save``; with ``model``, check that every layer exists there with the
+        same kind and weight shape (ValueError naming the first mismatching layer)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("datd")
+                meta = json.loads(raw) if raw else None
+                if not meta or meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a datd statistics file (format {FORMAT})")
+                layers = {}
+                for name, m in meta["layers"].items():
+                    layers[name] = LayerStats(
+                        kind=m["kind"], weight_shape=tuple(m["weight_shape"]), groups=m["groups"],
+                        sigma=f.get_tensor(f"{name}.sigma"), mean=f.get_tensor(f"{name}.mean"),
+                        count=m["count"], input_hw=tuple(m["input_hw"]), output_hw=tuple(m["output_hw"]),
+                    )
+        except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"cannot read statistics from {path}: {exc}") from exc
+        stats = cls(layers, meta["num_images"], meta.get("description", ""))
+        if model is not None:
+            stats.check(model)
+        return stats
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError naming the first layer that is missing from ``model`` or differs in kind/shape."""
+        modules = dict(model.named_modules())
+        for name, s in self.items():
+            module = modules.get(name)
+            if module is None:
+                raise ValueError(f"statistics do not match the model: layer '{name}' is not in the model")
+            kind = _kind(module)
+            shape = tuple(module.weight.shape) if kind else None
+            if kind != s.kind or shape != s.weight_shape:
+                raise ValueError(
+                    f"statistics do not match the model at layer '{name}': statistics were collected for "
+                    f"{s.kind} {s.weight_shape}, the model has {kind or type(module).__name__} {shape}"
+                )
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    return None
+
+
+def select_layers(model: nn.Module, layers: Iterable[str] | LayerFilter | None = None) -> dict[str, nn.Module]:
+    """The Conv2d/Linear modules of ``model`` by qualified name: all of them, the named subset (unknown or
+    unsupported names raise), or those for which ``layers(module, name)`` is true."""
+    supported = {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED)}
+    if layers is None:
+        return supported
+    if callable(layers):
+        return {n: m for n, m in supported.items() if layers(m, n)}
+    chosen = {}
+    modules = dict(model.named_modules())
+    for name in layers:
+        if name not in modules:
+            raise ValueError(f"layer '{name}' is not in the model")
+        if name not in supported:
+            raise ValueError(f"layer '{name}' is a {type(modules[name]).__name__}; only Conv2d and Linear are supported")
+        chosen[name] = supported[name]
+    return chosen
+
+
+def conv_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """F.pad amounts (left, right, top, bottom) that reproduce ``conv``'s padding (ints, tuples, 'same',
+    'valid'); 'same' splits odd totals with the extra pixel right/bottom as PyTorch does."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        amounts = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            amounts += [total // 2, total - total // 2]
+        return tuple(amounts)  # type: ignore[return-value]
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def conv_patches(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """im2col patches of ``x`` (N, S, H, W) as seen by ``conv``: (N, G, D, L) with L = Ho·Wo, and (Ho, Wo)."""
+    pad = conv_pad(conv)
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, S·P, L)
+    n, _, positions = cols.shape
+    out_h = (x.shape[2] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+    return cols.reshape(n, conv.groups, -1, positions), (out_h, positions // out_h)
+
+
+class _Accumulator:
+    """Streaming float64 sums of x xᵀ and x for one layer."""
+
+    def __init__(self, name: str, module: nn.Module, device: torch.device):
+        self.name, self.module, self.device = name, module, device
+        self.kind = _kind(module)
+        groups = module.groups if self.kind == "conv2d" else 1
+        dim = module.weight.shape[1] * (module.weight.shape[2] * module.weight.shape[3] if self.kind == "conv2d" else 1)
+        self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
+        self.count = 0
+        self.input_hw = self.output_hw = (0, 0)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        if not torch.isfinite(x).all():
+            raise ValueError(f"non-finite input to layer '{self.name}': the calibration data or model produce NaN/Inf")
+        x = x.to(device=self.device, dtype=torch.float64)
+        if self.kind == "conv2d":
+            if x.dim() == 3:
+                x = x.unsqueeze(0)
+            self.input_hw = (x.shape[2], x.shape[3])
+            step = max(1, _CHUNK_ELEMENTS // (x[0].numel() * math.prod(module.kernel_size)))
+            for start in range(0, x.shape[0], step):
+                cols, self.output_hw = conv_patches(module, x[start:start + step])
+                self._add_conv(cols)
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+            self.input_hw = self.output_hw = (x[0].numel() // x.shape[-1] if x.dim() > 1 else 1, 1)
+            step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+            for start in range(0, rows.shape[0], step):
+                chunk = rows[start:start + step]
+                self.sum_outer[0] += chunk.T @ chunk
+                self.sum[0] += chunk.sum(dim=0)
+                self.count += chunk.shape[0]
+
+    def _add_conv(self, cols: Tensor) -> None:
+        """cols: (N, G, D, L) float64 patch columns."""
+        n, groups, dim, positions = cols.shape
+        if positions >= dim:  # per-image products avoid a transposed copy of the patches
+            self.sum_outer += (cols @ cols.transpose(2, 3)).sum(dim=0)
+        else:
+            rows = cols.permute(1, 0, 3, 2).reshape(groups, n * positions, dim)
+            self.sum_outer += rows.transpose(1, 2) @ rows
+        self.sum += cols.sum(dim=(0, 3))
+        self.count += n * positions
+
+    def result(self) -> LayerStats:
+        if self.count == 0:
+            raise ValueError(f"layer '{self.name}' was never called during the calibration forward passes")
+        sigma, mean = self.sum_outer / self.count, self.sum / self.count
+        if self.sum.shape[0] == 1:
+            sigma, mean = sigma[0], mean[0]
+        groups = self.module.groups if self.kind == "conv2d" else 1
+        return LayerStats(
+            kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=groups, sigma=sigma, mean=mean,
+            count=self.count, input_hw=self.input_hw, output_hw=self.output_hw,
+        )
+
+    def all_reduce(self) -> None:
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        for t in (self.sum_outer, self.sum, count):
+            dist.all_reduce(t)
+        self.count = int(count.item())
+
+
+def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:
+    """The input tensor of a calibration batch: a tensor, the first item of (input, label, …), or a
+    dict's 'input'/'image'/'x' entry."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "image", "x"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    raise TypeError(f"cannot find the input tensor in a calibration batch of type {type(batch).__name__}")
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable,
+    layers: Iterable[str] | LayerFilter | None = None,
+    *,
+    device: str | torch.device | None = None,
+    description: str = "",
+    progress: bool = True,
+) -> Statistics:
+    """Run ``model`` (in eval mode) on ``batches`` (a DataLoader or any iterable of input tensors or
+    (input, label) pairs) and return the input statistics of every Conv2d/Linear (or the chosen
+    ``layers``: names or a ``filter(module, name)``). ``device`` defaults to the model's device."""
+    chosen = select_layers(model, layers)
+    if not chosen:
+        raise ValueError("no Conv2d or Linear layer selected")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    accumulators = {name: _Accumulator(name, module, device) for name, module in chosen.items()}
+    handles = [m.register_forward_pre_hook(accumulators[n]) for n, m in chosen.items()]
+    num_images = 0
+    try:
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        for batch in tqdm(batches, total=total, desc="statistics", unit="batch", disable=not progress, leave=False):
+            x = batch_inputs(batch).to(device)
+            model(x)
+            num_images += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if num_images == 0:
+        raise ValueError("the calibration data yielded no batches")
+    if dist.is_available() and dist.is_initialized():
+        total_images = torch.tensor([float(num_images)], dtype=torch.float64, device=device)
+        dist.all_reduce(total_images)
+        num_images = int(total_images.item())
+        for acc in accumulators.values():
+            acc.all_reduce()
+    return Statistics({n: a.result() for n, a in accumulators.items()}, num_images, description)

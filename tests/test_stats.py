@@ -1,0 +1,149 @@
+"""Σ from hooks against brute-force im2col averages; the statistics file format."""
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import datd.stats as stats_module
+from datd.stats import Statistics, collect_stats
+
+D64 = torch.float64
+
+
+def brute_force_sigma(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Σ and mean per group by explicit loops over images, output positions and kernel taps."""
+    pad = stats_module.conv_pad(conv)
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    x = F.pad(images.double(), pad, mode=mode)
+    (kh, kw), (sh, sw), (dh, dw), g = conv.kernel_size, conv.stride, conv.dilation, conv.groups
+    per_group = conv.in_channels // g
+    out_h = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    dim = per_group * kh * kw
+    sigma, mean, count = torch.zeros(g, dim, dim, dtype=D64), torch.zeros(g, dim, dtype=D64), 0
+    for n in range(x.shape[0]):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                count += 1
+                for grp in range(g):
+                    patch = torch.stack([
+                        x[n, grp * per_group + c, oy * sh + i * dh, ox * sw + j * dw]
+                        for c in range(per_group) for i in range(kh) for j in range(kw)
+                    ])
+                    sigma[grp] += torch.outer(patch, patch)
+                    mean[grp] += patch
+    return sigma / count, mean / count, count
+
+
+CONVS = {
+    "stride2-pad1-dil2-groups2": dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=2, groups=2),
+    "same": dict(in_channels=3, out_channels=5, kernel_size=(3, 2), padding="same"),
+    "same-dilated": dict(in_channels=2, out_channels=4, kernel_size=3, padding="same", dilation=2),
+    "valid-rect-stride": dict(in_channels=3, out_channels=4, kernel_size=(1, 3), stride=(2, 1), padding=(0, 2)),
+    "reflect": dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
+}
+
+
+@pytest.mark.parametrize("name", CONVS)
+def test_conv_sigma_equals_brute_force_im2col(name):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**CONVS[name])
+    images = torch.randn(5, conv.in_channels, 9, 8)
+    batches = [images[:2], (images[2:], torch.zeros(3))]  # plain tensors and (input, label) pairs
+    stats = collect_stats(nn.Sequential(conv), batches, progress=False)["0"]
+    sigma, mean, count = brute_force_sigma(conv, images)
+    if conv.groups == 1:
+        sigma, mean = sigma[0], mean[0]
+    assert stats.count == count
+    assert stats.sigma.dtype == D64 and stats.sigma.shape == sigma.shape
+    assert torch.allclose(stats.sigma, sigma, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        out = conv(images)
+    assert stats.output_hw == tuple(out.shape[2:]) and stats.input_hw == (9, 8)
+
+
+def test_linear_on_3d_input_uses_every_row():
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(4, 7, 6)
+    stats = collect_stats(nn.Sequential(lin), [x[:3], x[3:]], progress=False)["0"]
+    rows = x.reshape(-1, 6).double()
+    assert stats.count == 28 and stats.output_hw == (7, 1)
+    assert torch.allclose(stats.sigma, rows.T @ rows / 28, atol=1e-6)
+    assert torch.allclose(stats.mean, rows.mean(0), atol=1e-6)
+
+
+def test_chunking_and_batching_do_not_change_sigma(monkeypatch):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(5))
+    images = torch.randn(12, 3, 10, 10)
+    model(images)
+    whole = collect_stats(model, [images], progress=False)
+    monkeypatch.setattr(stats_module, "_CHUNK_ELEMENTS", 500)
+    pieces = collect_stats(model, images.split(5), progress=False)
+    for name in whole:
+        assert whole[name].count == pieces[name].count
+        assert torch.allclose(whole[name].sigma, pieces[name].sigma, rtol=1e-6, atol=1e-8)
+
+
+def test_layer_selection_by_name_and_filter():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    data = [torch.randn(2, 3, 6, 6)]
+    assert set(collect_stats(model, data, ["2"], progress=False)) == {"2"}
+    only_3x3 = collect_stats(model, data, lambda m, n: m.kernel_size == (3, 3), progress=False)
+    assert set(only_3x3) == {"0"}
+    with pytest.raises(ValueError, match="'1' is a ReLU"):
+        collect_stats(model, data, ["1"], progress=False)
+    with pytest.raises(ValueError, match="'9' is not in the model"):
+        collect_stats(model, data, ["9"], progress=False)
+
+
+def test_save_load_roundtrip_and_mismatch(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.ReLU(), nn.Conv2d(4, 6, 3, groups=2))
+    stats = collect_stats(model, [torch.randn(3, 3, 8, 8)], description="random test images", progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = Statistics.load(path, model)
+    assert loaded.num_images == 3 and loaded.description == "random test images"
+    for name in stats:
+        assert torch.equal(loaded[name].sigma, stats[name].sigma)
+        assert loaded[name].meta() == stats[name].meta()
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=2))
+    with pytest.raises(ValueError, match="layer '2'"):
+        Statistics.load(path, other)
+    with pytest.raises(ValueError, match="'0' is not in the model"):
+        Statistics.load(path, nn.Sequential())
+    with pytest.raises(FileNotFoundError):
+        Statistics.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read statistics"):
+        Statistics.load(tmp_path / "junk.safetensors")
+
+
+def test_failed_save_leaves_existing_file(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    stats = collect_stats(model, [torch.randn(2, 3, 5, 5)], progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stats_module, "save_file", broken)
+    with pytest.raises(OSError):
+        stats.save(path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_non_finite_inputs_and_empty_data_are_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="non-finite"):
+        collect_stats(model, [torch.full((1, 3, 5, 5), float("nan"))], progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        collect_stats(model, [], progress=False)
+    with pytest.raises(TypeError, match="input tensor"):
+        collect_stats(model, [{"foo": 1}], progress=False)
