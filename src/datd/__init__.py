@@ -1,6 +1,20 @@
-"""datd: distribution-aware tensor decompositions that compress trained CNNs without fine-tuning."""
+"""datd: distribution-aware tensor decompositions that compress trained CNNs without fine-tuning.
 
+    model, report = datd.compress(model, calib_loader, target="params=0.5")
+    datd.save(model, "out/")                 # JSON config + safetensors state dict
+    model = datd.load("out/", base_model)    # re-applied to the original architecture
+"""
+
+import importlib.metadata
+
+from . import decompose
+from .io import load, save
+from .pipeline import CompressConfig, compress
+from .plan import Plan, Target
 from .stats import LayerStats, Statistics, collect_stats
 
-__version__ = "0.1.0"
-__all__ = ["LayerStats", "Statistics", "collect_stats", "__version__"]
+__version__ = importlib.metadata.version("datd")
+__all__ = [
+    "CompressConfig", "LayerStats", "Plan", "Statistics", "Target", "collect_stats", "compress", "decompose", "load",
+    "save", "__version__",
+]

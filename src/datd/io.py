@@ -1,4 +1,4 @@
-"""Artifact I/O helpers: atomic writes and JSON."""
+"""Artifacts: atomic writes, JSON, and compressed models saved as a JSON config plus a safetensors state dict."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers import FACTORIZED_TYPES
+from .surgery import apply_config
 
 
 @contextmanager
@@ -43,3 +50,59 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+MODEL_FORMAT = "datd-model/1"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def compression_config(model: nn.Module) -> dict[str, dict]:
+    """{layer name: {"method", "ranks", "bias"}} for every factorized module of ``model``."""
+    return {
+        name: {"method": m.kind, "ranks": list(m.ranks), "bias": m.last.bias is not None}
+        for name, m in model.named_modules() if isinstance(m, FACTORIZED_TYPES)
+    }
+
+
+def save(model: nn.Module, directory: str | os.PathLike, *, source: dict | None = None) -> Path:
+    """Write a compressed model as ``config.json`` (which layers are factorized how, plus ``source``: how to
+    rebuild the base model, e.g. {"model": "cifar_resnet20", "weights": …}) and ``model.safetensors`` (the
+    full state dict). Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    write_json(directory / CONFIG_FILE, {"format": MODEL_FORMAT, "source": source or {}, "layers": compression_config(model)})
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """The ``config.json`` of a saved compressed model (validated)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"compressed model directory not found: {directory}")
+    config = read_json(directory / CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT or not isinstance(config.get("layers"), dict):
+        raise ValueError(f"{directory / CONFIG_FILE} is not a datd compressed-model config ({MODEL_FORMAT})")
+    return config
+
+
+def load(directory: str | os.PathLike, base_model: nn.Module) -> nn.Module:
+    """Re-apply a saved compression to ``base_model`` (the original architecture; modified in place and
+    returned) and load the saved weights (strict)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    apply_config(base_model, config["layers"])
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"missing {weights}")
+    try:
+        state = load_file(str(weights))
+    except SafetensorError as exc:
+        raise ValueError(f"cannot read {weights}: {exc}") from exc
+    try:
+        base_model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not fit the base model with the saved configuration: {exc}") from exc
+    return base_model.eval()

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from .decompose import CP, Decomposition, LowRank, Tucker2
 
+SUPPORTED = (nn.Conv2d, nn.Linear)  # the layer types datd collects statistics for and factorizes
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -106,6 +108,10 @@ def _set_bias(last: nn.Module, bias: Tensor | None) -> None:
 class Tucker2Conv2d(nn.Sequential):
     kind = "tucker2"
 
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.core.out_channels, self.core.in_channels)
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int], bias: bool | None = None) -> "Tucker2Conv2d":
         """Structure for ``conv`` with ranks (R_T, R_S); ``bias`` defaults to whether ``conv`` has one."""
@@ -138,6 +144,10 @@ class Tucker2Conv2d(nn.Sequential):
 
 class CPConv2d(nn.Sequential):
     kind = "cp"
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.first.out_channels,)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "CPConv2d":
@@ -185,6 +195,10 @@ class CPConv2d(nn.Sequential):
 class LowRankConv2d(nn.Sequential):
     kind = "svd"
 
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.first.out_channels,)
+
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "LowRankConv2d":
         _check_conv(conv)
@@ -214,6 +228,10 @@ class LowRankConv2d(nn.Sequential):
 class LowRankLinear(nn.Sequential):
     kind = "svd"
 
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return (self.first.out_features,)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranks: tuple[int, ...], bias: bool | None = None) -> "LowRankLinear":
         if not isinstance(linear, nn.Linear):
@@ -236,6 +254,7 @@ class LowRankLinear(nn.Sequential):
 
 
 FACTORIZED: dict[str, type[nn.Sequential]] = {"tucker2": Tucker2Conv2d, "cp": CPConv2d, "svd": LowRankConv2d}
+FACTORIZED_TYPES = (Tucker2Conv2d, CPConv2d, LowRankConv2d, LowRankLinear)
 
 
 def factorized_class(layer: nn.Module, method: str) -> type[nn.Sequential]:

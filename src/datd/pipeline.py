@@ -8,8 +8,10 @@ recollect statistics on the partially compressed model between fits without chan
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .decompose import DEFAULT_SIGMA_REG, Decomposition
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import NORMS, FitSettings, LayerProblem, damage, fit, output_errors, relative_sigma_error, svd_damage_curve
@@ -60,10 +61,10 @@ class CompressConfig:
     bias_correction: bool = True
     sensitivity: bool = True
     sensitivity_images: int = 512
-    candidates: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    candidates: tuple[float, ...] = (0.05, 0.12, 0.25, 0.4, 0.6, 0.85)
     min_params: int = 1000
     sigma_reg: float = DEFAULT_SIGMA_REG
-    candidate_iter: int = 15
+    candidate_iter: int = 10
     max_iter: int = 100
     tol: float = 1e-5
     seed: int = 0
@@ -241,29 +242,50 @@ def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: Fi
 
 
 def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, progress: bool) -> dict[str, list[Option]]:
-    """Planning options per layer: dense, every Σ-SVD rank (closed-form damages), and fits of the
-    iterative decompositions at the candidate cost fractions."""
+    """Planning options per layer: dense, every Σ-SVD rank (closed-form damages) and every rank of the
+    iterative decompositions between the smallest and the largest anchor fraction. Those are fitted at the
+    anchors only (``config.candidates``, ``config.candidate_iter`` sweeps); between anchors the damage is
+    interpolated linearly in log-damage versus cost, since damage falls smoothly as the rank grows."""
     settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
     options: dict[str, list[Option]] = {}
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
         g = layer.geometry
         opts = [Option("dense", (), dense_cost(g), 0.0)]
         for method in layer.methods:
+            ladder = rank_ladder(method, g)
             if method == "svd":
                 curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
-                opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in rank_ladder("svd", g)]
+                opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in ladder]
                 continue
-            ranks_seen = set()
-            for fraction in config.candidates:
-                ranks = ranks_for_fraction(method, g, fraction, target.metric)
-                if ranks is None or ranks in ranks_seen:
-                    continue
-                ranks_seen.add(ranks)
+            anchors = sorted({r for f in config.candidates if (r := ranks_for_fraction(method, g, f, target.metric))},
+                             key=lambda r: metric_of(factorized_cost(method, g, r), target.metric))
+            points = []
+            for ranks in anchors:
                 approx = _fit_cached(layer, method, ranks, settings).reconstruct()
-                opts.append(Option(method, ranks, factorized_cost(method, g, ranks),
-                                   damage(layer.problem, approx, layer.sensitivity, settings.bias_correction)))
+                d = damage(layer.problem, approx, layer.sensitivity, settings.bias_correction)
+                points.append((metric_of(factorized_cost(method, g, ranks), target.metric), d))
+            opts += _interpolated(method, g, ladder, points, target.metric)
         options[name] = opts
     return options
+
+
+def _interpolated(method: str, g: Geometry, ladder: list[tuple[int, ...]], points: list[tuple[int, float]],
+                  metric: str) -> list[Option]:
+    """Options for the ladder ranks whose cost lies within the fitted anchor ``points`` (cost, damage),
+    sorted by cost."""
+    costs = [c for c, _ in points]
+    logs = [math.log(max(d, 1e-300)) for _, d in points]
+    out = []
+    for ranks in ladder:
+        cost = factorized_cost(method, g, ranks)
+        x = metric_of(cost, metric)
+        if not points or not costs[0] <= x <= costs[-1]:
+            continue
+        i = min(max(bisect.bisect_left(costs, x), 1), len(costs) - 1)
+        x0, x1 = costs[i - 1], costs[i]
+        t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+        out.append(Option(method, ranks, cost, math.exp(logs[i - 1] + t * (logs[i] - logs[i - 1]))))
+    return out
 
 
 def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings, config: CompressConfig,
@@ -328,11 +350,13 @@ def _infeasible(target: Target, total: int, fixed: int, options: dict[str, list[
 
 
 def _versions() -> dict[str, str]:
+    import importlib.metadata
+
     import numpy
     import safetensors
     import torchvision
 
-    return {"datd": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"datd": importlib.metadata.version("datd"), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 

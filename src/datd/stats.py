@@ -27,9 +27,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .io import atomic_path
+from .layers import SUPPORTED
 
 FORMAT = "datd-stats/1"
-SUPPORTED = (nn.Conv2d, nn.Linear)
 LayerFilter = Callable[[nn.Module, str], bool]
 # Unfolded patches are processed in chunks of at most this many float64 elements (memory bound).
 _CHUNK_ELEMENTS = 1 << 24

@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from . import layers as factorized
-from .stats import SUPPORTED
+from .layers import SUPPORTED
 
 LayerFilter = Callable[[nn.Module, str], bool]
 
@@ -51,10 +51,13 @@ def candidate_layers(model: nn.Module, filter_fn: LayerFilter | None = None) -> 
 def apply_config(model: nn.Module, config: dict[str, dict]) -> nn.Module:
     """Replace each layer named in ``config`` ({name: {"method", "ranks", "bias"}}) by an empty factorized
     module of that structure, in place; load the compressed state dict afterwards."""
+    hint = "is this the architecture the compressed model was made from?"
     for name, entry in config.items():
-        layer = get_module(model, name)
+        try:
+            layer = get_module(model, name)
+        except ValueError as exc:
+            raise ValueError(f"the base model has no layer '{name}': {hint}") from exc
         if not isinstance(layer, SUPPORTED):
-            raise ValueError(f"layer '{name}' of the base model is a {type(layer).__name__}, not a Conv2d/Linear: "
-                             "is this the architecture the compressed model was made from?")
+            raise ValueError(f"layer '{name}' of the base model is a {type(layer).__name__}, not a Conv2d/Linear: {hint}")
         replace_module(model, name, factorized.build(layer, entry["method"], tuple(entry["ranks"]), entry["bias"]))
     return model

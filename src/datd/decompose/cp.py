@@ -68,7 +68,7 @@ def cp(
     damping: float = 1e-6,
     init: str = "svd",
     seed: int = 0,
-    cg_iter: int = 20,
+    cg_iter: int = 5,
     cg_tol: float = 1e-3,
     sigma_reg: float = DEFAULT_SIGMA_REG,
 ) -> CP:
@@ -110,21 +110,30 @@ def cp(
         f = r_a[:, :, None] * khatri_rao(c, d).T[None, :, :]  # (m, R, P)
         return solver.solve(f, y_sigma, b, damping=damping, tol=cg_tol, max_iter=cg_iter)
 
-    def spatial_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor, axis: int) -> Tensor:
-        """New vertical (axis=2, unknown c (kh, R), other d) or horizontal (axis=3) factor."""
-        # Z[(s, i, j), (i', r)] = B[s, r] δ_{i i'} D[j, r] (axis 2); N = Σ Z.
-        n_axis = c.shape[0]
-        eye = torch.eye(n_axis, dtype=DTYPE, device=w1.device)
-        if axis == 2:
-            z = torch.einsum("sr,ik,jr->sijkr", b, eye, d)
+    # The spatial steps see the kernel axis they solve for as axis "k" of rows (s, k, j): the vertical step
+    # uses W and Σ as they are, the horizontal one their kernel-transposed views.
+    transposed = (
+        w4.transpose(2, 3).reshape(n_out, -1),
+        None if s is None else s.reshape(n_in, kh, kw, n_in, kh, kw).permute(0, 2, 1, 3, 5, 4).reshape(s.shape),
+    )
+
+    def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_rows: Tensor, sigma: Tensor | None) -> Tensor:
+        """New spatial factor (n_k, R) of the model W̃[t, s, k, j] = Σ_r a[t,r] b[s,r] unknown[k,r] other[j,r]."""
+        n_k, n_j = unknown.shape[0], other.shape[0]
+        # N = Σ Z with Z[(s, k, j), (l, r)] = b[s, r] δ_kl other[j, r] (the model is Z · vec(unknown)).
+        b_other = khatri_rao(b, other)  # (S·n_j, R)
+        if sigma is None:
+            eye = torch.eye(n_k, dtype=DTYPE, device=w1.device)
+            n = torch.einsum("sjr,kl->skjlr", b_other.reshape(n_in, n_j, rank), eye).reshape(-1, n_k, rank)
         else:
-            z = torch.einsum("sr,jr,ik->sjikr", b, d, eye)
-        z = z.reshape(n_in * n_pos, n_axis * rank)
-        n = sigma_matmul(z.T, s)  # (kh·R, S·P) = (Σ Z)ᵀ
-        gram = (n @ z).reshape(n_axis, rank, n_axis, rank) * (a.T @ a)[None, :, None, :]
-        rhs = torch.einsum("krx,rx->kr", n.reshape(n_axis, rank, -1), a.T @ w1)  # (kh, R)
-        gram = gram.reshape(n_axis * rank, n_axis * rank)
-        return _damped_solve(gram, rhs.reshape(1, -1), c.reshape(1, -1), damping).reshape(n_axis, rank)
+            sig4 = sigma.reshape(-1, n_in, n_k, n_j)
+            n = torch.stack([sig4[:, :, k, :].reshape(sig4.shape[0], -1) @ b_other for k in range(n_k)], dim=1)
+        # Zᵀ Σ Z, contracting b first (a matmul), then other; times AᵀA per rank pair.
+        tmp = (b.T @ n.reshape(n_in, -1)).reshape(rank, n_k, n_j, n_k, rank)
+        gram = torch.einsum("jr,rkjlq->krlq", other, tmp) * (a.T @ a)[None, :, None, :]
+        rhs = torch.einsum("rx,xkr->kr", a.T @ w_rows, n)
+        flat = gram.reshape(n_k * rank, n_k * rank)
+        return _damped_solve(flat, rhs.reshape(1, -1), unknown.reshape(1, -1), damping).reshape(n_k, rank)
 
     def normalized(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         norms = torch.linalg.vector_norm(x, dim=0).clamp_min(torch.finfo(DTYPE).tiny)
@@ -141,8 +150,8 @@ def cp(
         if history[-1] < 1e-13:
             break
         b, a = normalized(in_step(a, b, c, d), a)
-        c, a = normalized(spatial_step(a, b, c, d, axis=2), a)
-        d, a = normalized(spatial_step(a, b, d, c, axis=3), a)
+        c, a = normalized(spatial_step(a, b, c, d, w1, s), a)
+        d, a = normalized(spatial_step(a, b, d, c, *transposed), a)
         a = out_step(a, b, c, d)
         err = error(a, b, c, d)
         if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate

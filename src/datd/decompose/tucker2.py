@@ -55,7 +55,7 @@ def tucker2(
     tol: float = 1e-5,
     init: str = "hosvd",
     seed: int = 0,
-    cg_iter: int = 20,
+    cg_iter: int = 5,
     cg_tol: float = 1e-3,
     sigma_reg: float = DEFAULT_SIGMA_REG,
 ) -> Tucker2:

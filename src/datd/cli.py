@@ -1,0 +1,191 @@
+"""The ``datd`` command: parses arguments, calls the API, prints. No logic the API lacks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from . import io
+from .data import calibration_loader, eval_loader
+from .evaluate import accuracy, count_macs, count_params
+from .models import load_model
+from .pipeline import CompressConfig, compress
+from .plan import METHODS
+from .report import write_report
+from .stats import Statistics, batch_inputs, collect_stats
+
+DEFAULTS = CompressConfig()
+MODEL_HELP = ("cifar_resnet20|32|44|56|110 (CIFAR-10 ResNets), any torchvision classifier name (resnet18, resnet50, "
+              "googlenet, mobilenet_v2, …) or package.module:callable")
+WEIGHTS_HELP = ("a state-dict file (.pth/.th/.safetensors); 'DEFAULT' or a torchvision weights name (downloads); "
+                "'none' for random init. Default: the shipped checkpoint for cifar_resnet20/56, random init for "
+                "torchvision models")
+DATA_HELP = ("cifar10 (train calibrates, test evaluates), cifar10:train, cifar10:test, tinyimagenet32, "
+             "imagefolder:PATH, or an .npz with x (N,H,W,3 uint8) and optional y")
+
+
+def _device(device: str | None) -> str:
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _model_options(f):
+    f = click.option("--weights", default=None, help=WEIGHTS_HELP)(f)
+    return click.option("--model", "model_name", required=True, help=MODEL_HELP)(f)
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="datd")
+def main() -> None:
+    """Compress trained CNNs with distribution-aware tensor decompositions (no fine-tuning)."""
+
+
+@main.command("compress")
+@_model_options
+@click.option("--data", required=True, help="calibration data: " + DATA_HELP)
+@click.option("--calib", default=2048, show_default=True, help="number of calibration images")
+@click.option("--target", default=DEFAULTS.target, show_default=True,
+              help="whole-model budget: params=F or macs=F, F a fraction of the original in (0, 1)")
+@click.option("--method", type=click.Choice(METHODS + ("auto",)), default=DEFAULTS.method, show_default=True,
+              help="decomposition; auto picks per layer the one with the least predicted damage")
+@click.option("--norm", type=click.Choice(["sigma", "frobenius"]), default=DEFAULTS.norm, show_default=True,
+              help="fit in the data-aware Σ-norm or the classical Frobenius norm")
+@click.option("--ranks", default=DEFAULTS.ranks, show_default=True,
+              help="auto (data-aware global allocation), uniform (same ratio per layer) or a plan.json to reuse/edit")
+@click.option("--bias-correction/--no-bias-correction", default=DEFAULTS.bias_correction, show_default=True,
+              help="cancel the mean output error through the bias (and fit in the input covariance)")
+@click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
+              help="reuse a statistics file from `datd stats` (possibly computed on another data set)")
+@click.option("--eval-data", default=None, help="evaluation data (default: the test split of --data when labelled)")
+@click.option("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="output directory [default: runs/MODEL-TARGET]")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
+@click.option("--seed", default=DEFAULTS.seed, show_default=True, help="seed of the calibration subset and the fits")
+@click.option("--batch-size", default=128, show_default=True)
+def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
+                     eval_data, eval_limit, out_dir, device, seed, batch_size) -> None:
+    """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
+    try:
+        _compress(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
+                  eval_data, eval_limit, out_dir, device, seed, batch_size)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        _fail(exc)
+
+
+def _compress(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path, eval_data,
+              eval_limit, out_dir, device, seed, batch_size) -> None:
+    config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
+                            seed=seed)
+    device = _device(device)
+    loaded = load_model(model_name, weights)
+    calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
+    stats = Statistics.load(stats_path, loaded.model) if stats_path else None
+    evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None)
+    out = Path(out_dir or f"runs/{model_name.replace(':', '_')}-{config.target.replace('=', '')}")
+    click.echo(f"compressing {model_name} to {config.target} with {method}/{norm}/{ranks} on {device} "
+               f"({calib} calibration images from {data})", err=True)
+    compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device)
+    report["source"] = {"model": model_name, "weights": loaded.weights, "data": data, "calib": calib,
+                        "eval_data": eval_data or data, "eval_limit": eval_limit}
+    io.save(compressed, out, source={"model": model_name, "weights": loaded.weights})
+    paths = write_report(report, out)
+    _summary(report, out, paths["markdown"])
+
+
+def _eval_data(spec: str, loaded, limit: int | None, required: bool):
+    """The evaluation loader, or None when ``spec`` has no labels and evaluation was not asked for."""
+    try:
+        return eval_loader(spec, loaded.preprocessing, limit=limit, num_classes=loaded.num_classes)
+    except ValueError:
+        if required:
+            raise
+        click.echo(f"note: {spec} has no labels the model can be scored on; accuracy is not measured", err=True)
+        return None
+
+
+def _summary(report: dict, out: Path, markdown: Path) -> None:
+    if report.get("accuracy_after") is not None:
+        click.echo(f"accuracy  {100 * report['accuracy_before']:.2f}% -> {100 * report['accuracy_after']:.2f}%")
+    click.echo(f"params    {report['params_before']:,} -> {report['params_after']:,} ({report['params_ratio']:.3f})")
+    click.echo(f"MACs      {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.3f})")
+    click.echo(f"time      {report['seconds']:.1f} s")
+    click.echo(f"model     {out}/")
+    click.echo(f"report    {markdown}")
+
+
+@main.command("stats")
+@_model_options
+@click.option("--data", required=True, help=DATA_HELP)
+@click.option("--calib", default=2048, show_default=True, help="number of images")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="statistics file (.safetensors)")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
+@click.option("--seed", default=0, show_default=True, help="seed of the image subset")
+@click.option("--batch-size", default=128, show_default=True)
+def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size) -> None:
+    """Collect the input statistics Σ of every Conv2d/Linear and save them for reuse (--stats)."""
+    try:
+        loaded = load_model(model_name, weights)
+        loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
+        model = loaded.model.to(_device(device))
+        stats = collect_stats(model, loader, description=loader.dataset.image_set.description)
+        stats.save(out_path)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        _fail(exc)
+    click.echo(f"statistics of {len(stats)} layers from {stats.num_images} images -> {out_path}")
+
+
+@main.command("eval")
+@click.option("--model", "model_name", default=None, help=MODEL_HELP)
+@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@click.option("--compressed", type=click.Path(file_okay=False), default=None,
+              help="a directory written by `datd compress` (its base model is rebuilt from its config)")
+@click.option("--data", required=True, help=DATA_HELP)
+@click.option("--limit", type=int, default=None, help="evaluate on the first N images only")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
+def eval_command(model_name, weights, compressed, data, limit, device) -> None:
+    """Top-1 accuracy, parameters and MACs of a model or of a compressed model directory."""
+    if (model_name is None) == (compressed is None):
+        _fail(ValueError("give exactly one of --model or --compressed"))
+    try:
+        if compressed:
+            source = io.read_config(compressed)["source"]
+            if "model" not in source:
+                raise ValueError(f"{compressed}/config.json does not say which model it was made from")
+            loaded = load_model(source["model"], source.get("weights"))
+            io.load(compressed, loaded.model)
+        else:
+            loaded = load_model(model_name, weights)
+        device = _device(device)
+        loader = eval_loader(data, loaded.preprocessing, limit=limit, num_classes=loaded.num_classes)
+        model = loaded.model.to(device)
+        top1 = accuracy(model, loader, device=device)
+        example = batch_inputs(next(iter(loader)))[:1].to(device)
+        macs = count_macs(model, example)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        _fail(exc)
+    click.echo(f"accuracy  {100 * top1:.2f}% on {len(loader.dataset)} images of {data}")
+    click.echo(f"params    {count_params(model):,}")
+    click.echo(f"MACs      {macs:,}")
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
+def demo_command(out_dir) -> None:
+    """The embedded default: the shipped CIFAR-10 ResNet-20 to half its parameters, on the shipped data."""
+    try:
+        _compress("cifar_resnet20", None, "cifar10", 2048, "params=0.5", "auto", "sigma", "auto", True, None, None,
+                  None, out_dir, None, 0, 128)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        _fail(exc)

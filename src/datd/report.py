@@ -1,0 +1,99 @@
+"""Human- and machine-readable results of a compression run: report.json, report.md, plan.json, plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_path, write_json, write_text  # noqa: E402
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown page: summary, then one table row per layer."""
+    cfg = report["config"]
+    lines = [
+        "# datd compression report",
+        "",
+        f"- target: `{cfg['target']}`, method: `{cfg['method']}`, norm: `{cfg['norm']}`, ranks: `{cfg['ranks']}`, "
+        f"bias correction: `{cfg['bias_correction']}`, seed: {cfg['seed']}",
+        f"- statistics: {report['statistics']['num_images']} images ({report['statistics']['description'] or 'no description'})",
+        f"- top-1 accuracy: {_pct(report.get('accuracy_before'))} → {_pct(report.get('accuracy_after'))}",
+        f"- parameters: {report['params_before']:,} → {report['params_after']:,} ({report['params_ratio']:.3f})",
+        f"- MACs per image: {report['macs_before']:,} → {report['macs_after']:,} ({report['macs_ratio']:.3f})",
+        f"- time: {report['seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings"].items()) + ")",
+        "",
+        "| layer | shape | method | ranks | params | MACs | Σ-error | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for layer in report["layers"]:
+        shape = "×".join(map(str, layer["shape"]))
+        params = f"{layer.get('params_before', 0):,} → {layer.get('params_after', 0):,}"
+        macs = f"{layer.get('macs_before', 0):,} → {layer.get('macs_after', 0):,}"
+        if "skipped" in layer:
+            lines.append(f"| {layer['name']} | {shape} | — | — | {params} | {macs} | — | {layer['skipped']} |")
+        else:
+            lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | {params} | {macs} | "
+                         f"{layer['sigma_error']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def _save_figure(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_layers(report: dict, path: str | os.PathLike) -> None:
+    """Per-layer kept-parameter fraction and relative Σ-error (bar charts sharing the layer axis)."""
+    layers = [l for l in report["layers"] if "params_before" in l]
+    names = [l["name"] for l in layers]
+    kept = [l["params_after"] / l["params_before"] for l in layers]
+    errors = [l.get("sigma_error", 0.0) for l in layers]
+    colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green"}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.28 * len(names)), 6), sharex=True)
+    top.bar(range(len(names)), kept, color=[colors.get(l.get("method"), "lightgray") for l in layers])
+    top.set_ylabel("kept parameter fraction")
+    top.set_title("per layer (colour = method: blue Tucker-2, orange CP, green SVD, grey kept)")
+    bottom.bar(range(len(names)), errors, color="tab:red")
+    bottom.set_ylabel("relative Σ-error")
+    bottom.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    _save_figure(fig, Path(path))
+
+
+def plot_accuracy(report: dict, path: str | os.PathLike) -> None:
+    """Accuracy before/after as two bars, with parameter and MAC ratios in the title."""
+    fig, ax = plt.subplots(figsize=(4, 3.5))
+    values = [100 * report["accuracy_before"], 100 * report["accuracy_after"]]
+    ax.bar(["original", "compressed"], values, color=["tab:gray", "tab:blue"])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.2f}%", ha="center", va="bottom")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"params ×{report['params_ratio']:.2f}, MACs ×{report['macs_ratio']:.2f}")
+    _save_figure(fig, Path(path))
+
+
+def write_report(report: dict, directory: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md, plan.json and the PNG plots into ``directory``; return their paths."""
+    directory = Path(directory)
+    paths = {
+        "json": directory / "report.json", "markdown": directory / "report.md", "plan": directory / "plan.json",
+        "layers_plot": directory / "layers.png",
+    }
+    write_json(paths["json"], report)
+    write_text(paths["markdown"], markdown(report))
+    write_json(paths["plan"], report["plan"])
+    plot_layers(report, paths["layers_plot"])
+    if report.get("accuracy_after") is not None:
+        paths["accuracy_plot"] = directory / "accuracy.png"
+        plot_accuracy(report, paths["accuracy_plot"])
+    return paths

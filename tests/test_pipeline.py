@@ -1,0 +1,135 @@
+"""compress(): budgets, methods, plans, bias correction, save/load, bad input (small models, fast)."""
+
+import pytest
+import torch
+from torch import nn
+
+import datd
+from datd.evaluate import count_params
+from datd.layers import FACTORIZED_TYPES
+
+
+class SmallNet(nn.Module):
+    """Conv/BN/ReLU stack with a stride-2 conv, a 1×1 conv and a Linear head (≈ 37k parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 48, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(48, 48, 1), nn.ReLU(),
+            nn.Conv2d(48, 32, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Linear(32, 40)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    images = torch.randn(96, 3, 12, 12)
+    calib = [images[i:i + 32] for i in range(0, 96, 32)]
+    labels = model(images).argmax(1).detach()
+    eval_data = [(images[i:i + 32], labels[i:i + 32]) for i in range(0, 96, 32)]
+    return model, calib, eval_data
+
+
+FAST = dict(candidates=(0.2, 0.4, 0.6), candidate_iter=3, max_iter=5, sensitivity_images=64, progress=False)
+
+
+@pytest.mark.parametrize("method", ["tucker2", "cp", "svd", "auto"])
+@pytest.mark.parametrize("ranks", ["auto", "uniform"])
+@pytest.mark.parametrize("target", ["params=0.5", "macs=0.6"])
+def test_budget_is_met_and_no_layer_grows(setup, method, ranks, target):
+    model, calib, eval_data = setup
+    compressed, report = datd.compress(model, calib, target=target, method=method, ranks=ranks, eval_data=eval_data, **FAST)
+    metric, fraction = target.split("=")
+    assert report[f"{metric}_after"] <= float(fraction) * report[f"{metric}_before"]
+    assert report["params_after"] == count_params(compressed)
+    assert 0 <= report["accuracy_after"] <= 1 and report["accuracy_before"] == 1.0
+    factorized = {n for n, m in compressed.named_modules() if isinstance(m, FACTORIZED_TYPES)}
+    assert factorized
+    for layer in report["layers"]:
+        if "skipped" not in layer:
+            assert layer["params_after"] < layer["params_before"] and layer["macs_after"] <= layer["macs_before"]
+            assert all(r >= 1 for r in layer["ranks"]) and layer["name"] in factorized
+            assert 0 <= layer["sigma_error"] < 1
+            if method != "auto" and layer["shape"][2:] not in ([1, 1], []):
+                assert layer["method"] == method
+    assert {l["name"] for l in report["layers"] if "skipped" in l} >= {"features.0"}  # 432 weights: too small
+    assert compressed(calib[0]).shape == (32, 40)
+
+
+def test_input_model_is_untouched_and_runs_are_reproducible(setup):
+    model, calib, _ = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    a, report_a = datd.compress(model, calib, target="params=0.5", **FAST)
+    b, report_b = datd.compress(model, calib, target="params=0.5", **FAST)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert report_a["plan"] == report_b["plan"]
+    assert torch.equal(a(calib[0]), b(calib[0]))
+
+
+def test_sigma_beats_frobenius_and_allocation_beats_uniform_in_predicted_damage(setup):
+    model, calib, _ = setup
+    damage = {}
+    for norm in ("sigma", "frobenius"):
+        for ranks in ("auto", "uniform"):
+            _, report = datd.compress(model, calib, target="params=0.4", method="tucker2", norm=norm, ranks=ranks,
+                                      bias_correction=False, **FAST)
+            damage[norm, ranks] = sum(l.get("output_error", 0) ** 2 for l in report["layers"])
+    assert damage["sigma", "uniform"] < damage["frobenius", "uniform"]
+
+
+def test_bias_correction_removes_the_mean_output_error(setup):
+    model, calib, _ = setup
+    conv = nn.Sequential(model.features[:6], nn.Conv2d(32, 32, 3, padding=1)).eval()
+    images = torch.cat(calib)
+    for correct in (False, True):
+        compressed, _ = datd.compress(conv, [images], target="params=0.7", method="svd", ranks="uniform",
+                                      bias_correction=correct, min_params=5000, **FAST)
+        with torch.no_grad():
+            error = (compressed(images) - conv(images)).mean(dim=(0, 2, 3))
+            scale = conv(images).std()
+        if correct:
+            assert error.abs().max() < 1e-4 * scale
+        else:
+            assert error.abs().max() > 1e-3 * scale
+
+
+def test_plan_roundtrip_and_save_load(setup, tmp_path):
+    model, calib, _ = setup
+    compressed, report = datd.compress(model, calib, target="params=0.5", **FAST)
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(report["plan"]))
+    again, report_again = datd.compress(model, calib, ranks=str(tmp_path / "plan.json"), **FAST)
+    assert {n: l["ranks"] for n, l in report_again["plan"]["layers"].items()} == \
+        {n: l["ranks"] for n, l in report["plan"]["layers"].items()}
+    datd.save(compressed, tmp_path / "model", source={"model": "SmallNet"})
+    reloaded = datd.load(tmp_path / "model", SmallNet())
+    x = calib[1]
+    assert torch.equal(reloaded(x), compressed(x))
+    with pytest.raises(ValueError, match="the architecture the compressed model was made from"):
+        datd.load(tmp_path / "model", nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_bad_input_is_refused(setup, tmp_path):
+    model, calib, _ = setup
+    with pytest.raises(ValueError, match="impossible budget"):
+        datd.compress(model, calib, target="params=0.01", **FAST)
+    with pytest.raises(ValueError, match="method"):
+        datd.compress(model, calib, method="tt", **FAST)
+    with pytest.raises(ValueError, match="plan file"):
+        datd.compress(model, calib, ranks=str(tmp_path / "missing.json"), **FAST)
+    other = nn.Sequential(nn.Conv2d(3, 16, 5))
+    stats = datd.collect_stats(other, calib, progress=False)
+    with pytest.raises(ValueError, match="layer 'features.0'|not in the model"):
+        datd.compress(model, calib, stats=stats, **FAST)
+    broken = SmallNet()
+    with torch.no_grad():
+        broken.features[3].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        datd.compress(broken, calib, **FAST)

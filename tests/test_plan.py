@@ -1,0 +1,106 @@
+"""Budget parsing, rank ladders and the global allocation."""
+
+import itertools
+import random
+
+import pytest
+
+from datd.layers import Cost, Geometry, dense_cost
+from datd.plan import Option, Plan, Target, allocate, check_ranks, factorized_cost, rank_ladder, ranks_for_fraction
+
+
+def geometry(t=64, s=32, k=3, hw=8, stride=1):
+    return Geometry((t, s, k, k), 1, False, (hw * stride, hw * stride), (hw, hw))
+
+
+@pytest.mark.parametrize("spec, metric, fraction", [("params=0.5", "params", 0.5), ("macs = 0.25", "macs", 0.25), ("params=1e-1", "params", 0.1)])
+def test_target_parsing(spec, metric, fraction):
+    target = Target.parse(spec)
+    assert (target.metric, target.fraction) == (metric, fraction)
+    assert Target.parse(str(target)) == target
+
+
+@pytest.mark.parametrize("spec", ["params=0", "params=1", "params=1.5", "flops=0.5", "0.5", "params=-0.2", ""])
+def test_bad_targets_are_refused(spec):
+    with pytest.raises(ValueError, match="target"):
+        Target.parse(spec)
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_ladder_never_makes_a_layer_bigger(method, stride):
+    g = geometry(stride=stride)
+    dense = dense_cost(g)
+    ladder = rank_ladder(method, g)
+    assert ladder and all(min(r) >= 1 for r in ladder)
+    costs = [factorized_cost(method, g, r) for r in ladder]
+    assert all(c.params < dense.params and c.macs <= dense.macs for c in costs)
+    assert [c.params for c in costs] == sorted(c.params for c in costs)
+    for fraction in (0.1, 0.3, 0.7):
+        ranks = ranks_for_fraction(method, g, fraction, "params")
+        assert factorized_cost(method, g, ranks).params <= fraction * dense.params
+        bigger = ladder[ladder.index(ranks) + 1] if ladder.index(ranks) + 1 < len(ladder) else None
+        assert bigger is None or factorized_cost(method, g, bigger).params > fraction * dense.params
+
+
+def test_explicit_ranks_are_validated():
+    g = geometry()
+    assert check_ranks("tucker2", g, [10, 8], "conv") == (10, 8)
+    with pytest.raises(ValueError, match="layer 'conv'.*ranks must be"):
+        check_ranks("tucker2", g, [0, 8], "conv")
+    with pytest.raises(ValueError, match="ranks must be"):
+        check_ranks("svd", g, [10, 8], "conv")
+    with pytest.raises(ValueError, match="not make the layer smaller"):
+        check_ranks("svd", g, [64], "conv")
+
+
+def brute_force(options, budget):
+    best = None
+    names = list(options)
+    for combo in itertools.product(*(options[n] for n in names)):
+        if sum(o.cost.params for o in combo) <= budget:
+            d = sum(o.damage for o in combo)
+            best = d if best is None or d < best else best
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_allocation_meets_budget_and_is_near_optimal(seed):
+    rng = random.Random(seed)
+    options = {}
+    for layer in range(4):
+        dense = rng.randint(500, 2000)
+        opts = [Option("dense", (), Cost(dense, dense), 0.0)]
+        for r in range(1, 6):
+            cost = int(dense * r / 6)
+            opts.append(Option("svd", (r,), Cost(cost, cost), rng.uniform(0.5, 2) * (6 - r) ** 2))
+        options[f"l{layer}"] = opts
+    total = sum(o[0].cost.params for o in options.values())
+    for fraction in (0.3, 0.5, 0.8):
+        budget = int(fraction * total)
+        chosen = allocate(options, budget, "params")
+        assert sum(o.cost.params for o in chosen.values()) <= budget
+        assert sum(o.damage for o in chosen.values()) <= 1.25 * brute_force(options, budget) + 1e-9
+
+
+def test_allocation_prefers_the_cheap_damage_and_refuses_the_impossible():
+    fragile = [Option("dense", (), Cost(100, 0), 0.0), Option("svd", (1,), Cost(50, 0), 100.0)]
+    robust = [Option("dense", (), Cost(100, 0), 0.0), Option("svd", (1,), Cost(50, 0), 1.0)]
+    chosen = allocate({"fragile": fragile, "robust": robust}, 150, "params")
+    assert chosen["fragile"].method == "dense" and chosen["robust"].method == "svd"
+    with pytest.raises(ValueError, match="infeasible"):
+        allocate({"fragile": fragile, "robust": robust}, 99, "params")
+
+
+def test_plan_json_roundtrip(tmp_path):
+    g = geometry()
+    plan = Plan({"a": Option("tucker2", (8, 4), factorized_cost("tucker2", g, (8, 4)))}, {"b": "too small"}, "params=0.5")
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.read(path) == {"a": ("tucker2", (8, 4))}
+    path.write_text('{"format": "datd-plan/1", "layers": {"a": {"method": "tt", "ranks": [3]}}}')
+    with pytest.raises(ValueError, match="unknown method"):
+        Plan.read(path)
+    path.write_text('{"layers": {}}')
+    with pytest.raises(ValueError, match="not a datd plan"):
+        Plan.read(path)
