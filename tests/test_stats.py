@@ -147,3 +147,38 @@ def test_non_finite_inputs_and_empty_data_are_refused():
         collect_stats(model, [], progress=False)
     with pytest.raises(TypeError, match="input tensor"):
         collect_stats(model, [{"foo": 1}], progress=False)
+
+
+def _distributed_worker(rank: int, world: int, port: int, images: torch.Tensor, path: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2))
+        stats = collect_stats(model, [images[rank::world]], progress=False)
+        if rank == 0:
+            stats.save(path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_statistics_all_reduce_under_torch_distributed(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    images = torch.randn(10, 3, 8, 8)
+    path = str(tmp_path / "dist.safetensors")
+    mp.spawn(_distributed_worker, args=(2, port, images, path), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, stride=2))
+    single = collect_stats(model, [images], progress=False)
+    merged = Statistics.load(path, model)
+    assert merged.num_images == 10
+    for name in single:
+        assert merged[name].count == single[name].count
+        assert torch.allclose(merged[name].sigma, single[name].sigma, atol=1e-6)

@@ -99,13 +99,24 @@ def _set(module: nn.Module, value: Tensor) -> None:
         module.weight.copy_(value.reshape(module.weight.shape))
 
 
-def _set_bias(last: nn.Module, bias: Tensor | None) -> None:
-    if bias is not None:
-        with torch.no_grad():
-            last.bias.copy_(bias)
+class _Factorized(nn.Sequential):
+    """Common tail of the factorized modules: the ``last`` layer maps the rank to the output channels."""
+
+    def _load_output(self, d: Decomposition, bias: Tensor | None) -> "_Factorized":
+        _set(self.last, d.out_factor)
+        if bias is not None:
+            with torch.no_grad():
+                self.last.bias.copy_(bias)
+        return self
 
 
-class Tucker2Conv2d(nn.Sequential):
+def _output_cost(g: Geometry, rank: int) -> Cost:
+    """The final 1×1 conv / Linear rank → T, with its bias."""
+    n_out = g.weight_shape[0]
+    return Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
+
+
+class Tucker2Conv2d(_Factorized):
     kind = "tucker2"
 
     @property
@@ -127,22 +138,20 @@ class Tucker2Conv2d(nn.Sequential):
     def load_factors(self, d: Tucker2, bias: Tensor | None) -> "Tucker2Conv2d":
         _set(self.first, d.in_factor.T)
         _set(self.core, d.core)
-        _set(self.last, d.out_factor)
-        _set_bias(self.last, bias)
-        return self
+        return self._load_output(d, bias)
 
     @staticmethod
     def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
         r_out, r_in = ranks
-        n_out, n_in, p = g.weight_shape[0], g.weight_shape[1], g.kernel_positions
+        n_in, p = g.weight_shape[1], g.kernel_positions
         return (
             Cost(n_in * r_in, n_in * r_in * g.in_positions)
             + Cost(r_in * r_out * p, r_in * r_out * p * g.out_positions)
-            + Cost(r_out * n_out + (n_out if g.factorized_bias else 0), r_out * n_out * g.out_positions)
+            + _output_cost(g, r_out)
         )
 
 
-class CPConv2d(nn.Sequential):
+class CPConv2d(_Factorized):
     kind = "cp"
 
     @property
@@ -175,24 +184,22 @@ class CPConv2d(nn.Sequential):
         _set(self.first, d.in_factor.T)
         _set(self.vertical, d.vertical.T)
         _set(self.horizontal, d.horizontal.T)
-        _set(self.last, d.out_factor)
-        _set_bias(self.last, bias)
-        return self
+        return self._load_output(d, bias)
 
     @staticmethod
     def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
         (rank,) = ranks
-        n_out, n_in, kh, kw = g.weight_shape
+        _, n_in, kh, kw = g.weight_shape
         mid_positions = g.output_hw[0] * g.input_hw[1]  # after the vertical conv: output height, input width
         return (
             Cost(n_in * rank, n_in * rank * g.in_positions)
             + Cost(rank * kh, rank * kh * mid_positions)
             + Cost(rank * kw, rank * kw * g.out_positions)
-            + Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
+            + _output_cost(g, rank)
         )
 
 
-class LowRankConv2d(nn.Sequential):
+class LowRankConv2d(_Factorized):
     kind = "svd"
 
     @property
@@ -211,21 +218,19 @@ class LowRankConv2d(nn.Sequential):
 
     def load_factors(self, d: LowRank, bias: Tensor | None) -> "LowRankConv2d":
         _set(self.first, d.in_factor)
-        _set(self.last, d.out_factor)
-        _set_bias(self.last, bias)
-        return self
+        return self._load_output(d, bias)
 
     @staticmethod
     def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
         (rank,) = ranks
-        n_out, n_in, p = g.weight_shape[0], g.weight_shape[1], g.kernel_positions
+        n_in, p = g.weight_shape[1], g.kernel_positions
         return (
             Cost(n_in * p * rank, n_in * p * rank * g.out_positions)
-            + Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
+            + _output_cost(g, rank)
         )
 
 
-class LowRankLinear(nn.Sequential):
+class LowRankLinear(_Factorized):
     kind = "svd"
 
     @property
@@ -246,9 +251,7 @@ class LowRankLinear(nn.Sequential):
 
     def load_factors(self, d: LowRank, bias: Tensor | None) -> "LowRankLinear":
         _set(self.first, d.in_factor)
-        _set(self.last, d.out_factor)
-        _set_bias(self.last, bias)
-        return self
+        return self._load_output(d, bias)
 
     cost = LowRankConv2d.cost
 

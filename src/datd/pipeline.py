@@ -144,14 +144,16 @@ def compress(
         stats = collect_stats(compressed, calib, wanted, device=device, progress=progress)
     else:
         stats.check(compressed)
+        missing = [n for n in wanted if n not in stats]
+        if missing:
+            raise ValueError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
+                             "model, or leave those layers out with filter_fn)")
     timings["statistics"] = time.perf_counter() - tick
 
     layers: dict[str, _Layer] = {}
     plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
     for name in wanted:
-        if name not in stats:
-            skipped[name] = "no statistics for this layer"
-            continue
         if plan_file is not None and (name not in plan_file or plan_file[name][0] == "dense"):
             skipped[name] = "kept dense by the plan"
             continue
@@ -172,7 +174,7 @@ def compress(
     fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
     budget = int(target.fraction * total) - fixed
     if plan_file is not None:
-        choice = {n: _option_from_plan(n, l, plan_file[n], settings) for n, l in layers.items()}
+        choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
     elif config.ranks == "uniform":
         choice = _uniform(layers, budget, target, settings, config, total, fixed)
     else:
@@ -223,10 +225,9 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
     geometry = Geometry.of(module, s.input_hw, s.output_hw, add_bias=config.bias_correction)
     problem = LayerProblem(name, module.weight.detach().double(), s.sigma.to(module.weight.device), s.mean.to(module.weight.device),
                            geometry, None if module.bias is None else module.bias.detach().double())
-    matrix_like = isinstance(module, nn.Linear) or geometry.kernel_positions == 1
-    if matrix_like:
+    if isinstance(module, nn.Linear) or geometry.kernel_positions == 1:
         methods: tuple[str, ...] = ("svd",)
-    elif config.method == "auto":
+    elif config.method == "auto" or config.ranks not in RANK_MODES:  # a plan file names its own methods
         methods = METHODS
     else:
         methods = (config.method,)
@@ -335,9 +336,9 @@ def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: F
     return chosen
 
 
-def _option_from_plan(name: str, layer: _Layer, entry: tuple[str, tuple[int, ...]], settings: FitSettings) -> Option:
+def _option_from_plan(name: str, layer: _Layer, entry: tuple[str, tuple[int, ...]]) -> Option:
     method, ranks = entry
-    if method not in layer.methods and not (method == "svd"):
+    if method not in layer.methods:
         raise ValueError(f"plan: layer '{name}' cannot use {method!r} (allowed: {', '.join(layer.methods)})")
     ranks = check_ranks(method, layer.geometry, ranks, name)
     return Option(method, ranks, factorized_cost(method, layer.geometry, ranks))

@@ -1,0 +1,456 @@
+"""Accuracy versus compression without fine-tuning: datd against the paper's setting and the peers.
+
+Sections (each appends one JSON line per result to benchmarks/results/accuracy.jsonl; finished results are
+kept and skipped on the next run unless --fresh, so the full run can be done in pieces):
+
+- grid:        CIFAR-10 ResNet-20/56, whole-model targets params 0.7/0.5/0.33/0.25 and macs 0.5/0.33, every
+               method (tucker2, cp, svd, auto) × norm (sigma, frobenius) × ranks (uniform, auto), bias
+               correction on; plus the paper's setting (Tucker-2, Σ, uniform, no bias correction) and the
+               classical one (Tucker-2, Frobenius, uniform, no bias correction).
+- peers:       TensorLy-Torch FactorizedConv.from_conv (Tucker and CP, factorized implementation, TensorLy's
+               own fits capped at 25 iterations) and a plain weight-SVD split (AIMET/Kim-style: truncated SVD
+               of W₁ into k×k conv → 1×1 conv, uniform ratio, no data), at equal whole-model parameter counts.
+- transfer:    Σ from Tiny-ImageNet-32 and from CIFAR-10 test instead of CIFAR-10 train.
+- calibration: 64 … 16384 calibration images (accuracy and statistics time).
+- seeds:       three seeds (calibration subset and fits) for the default and the paper's setting.
+- imagenet:    torchvision ResNet-18/50 and GoogLeNet at 224×224 (random init, Σ from the 1,000 real ImageNet
+               sample images): per-layer relative Σ-error of Σ vs Frobenius Tucker-2 fits at equal ranks, and
+               the time of each stage.
+
+    python benchmarks/accuracy.py --quick            # a subset, < 15 min on 2 cores
+    python benchmarks/accuracy.py                    # everything (hours on 2 cores; see BENCHMARKS.md)
+    python benchmarks/accuracy.py --model resnet50 --weights DEFAULT --data imagefolder:/imagenet/val \\
+        --calib-data imagefolder:/imagenet/train --targets params=0.5     # a user's full ImageNet evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import datd
+from _common import RESULTS, env_lines, environment, read_results, update_section, write_results
+from datd.data import calibration_loader, eval_loader
+from datd.evaluate import accuracy, count_macs, count_params
+from datd.models import load_model
+from datd.stats import Statistics, batch_inputs
+
+TARGETS = ["params=0.7", "params=0.5", "params=0.33", "params=0.25", "macs=0.5", "macs=0.33"]
+METHODS = ["tucker2", "cp", "svd", "auto"]
+DEFAULT = dict(method="auto", norm="sigma", ranks="auto", bias_correction=True)
+PAPER = dict(method="tucker2", norm="sigma", ranks="uniform", bias_correction=False, sensitivity=False)
+CLASSICAL = dict(method="tucker2", norm="frobenius", ranks="uniform", bias_correction=False, sensitivity=False)
+IMAGENET = "imagefolder:../shared/data/imagenet-sample/val"
+NAME = "accuracy"
+
+
+class Runner:
+    """Loads models/data once, caches statistics, evaluates with channels-last convolutions (faster on CPU)."""
+
+    def __init__(self, env: dict, fresh: bool, eval_limit: int | None, weights: str | None = None,
+                 eval_data: str = "cifar10", calib_data: str = "cifar10"):
+        self.env, self.eval_limit, self.weights = env, eval_limit, weights
+        self.eval_data, self.calib_data = eval_data, calib_data
+        self.rows = [] if fresh else read_results(NAME)
+        self.done = {r["key"] for r in self.rows}
+        self.stats: dict[tuple, tuple[Statistics, float]] = {}
+        self.models: dict[str, object] = {}
+
+    def loaded(self, model: str):
+        if model not in self.models:
+            self.models[model] = load_model(model, self.weights)
+        return self.models[model]
+
+    def calib(self, model: str, images: int, seed: int, data: str | None = None):
+        return calibration_loader(data or self.calib_data, self.loaded(model).preprocessing, images, seed=seed)
+
+    def statistics(self, model: str, data: str, images: int, seed: int) -> tuple[Statistics, float]:
+        key = (model, data, images, seed)
+        if key not in self.stats:
+            start = time.perf_counter()
+            stats = datd.collect_stats(self.loaded(model).model, self.calib(model, images, seed, data), progress=False,
+                                       description=f"{data} ({images} images, seed {seed})")
+            self.stats[key] = (stats, time.perf_counter() - start)
+        return self.stats[key]
+
+    def evaluate(self, model: nn.Module, name: str) -> float:
+        loader = eval_loader(self.eval_data, self.loaded(name).preprocessing, limit=self.eval_limit,
+                             num_classes=self.loaded(name).num_classes)
+        fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return accuracy(fast, loader, progress=False)
+
+    def base_accuracy(self, model: str) -> float:
+        key = f"base|{model}|{self.eval_data}|{self.eval_limit}"
+        if key not in self.done:
+            self.record({"key": key, "section": "base", "model": model, "accuracy": self.evaluate(self.loaded(model).model, model)})
+        return next(r["accuracy"] for r in self.rows if r["key"] == key)
+
+    def record(self, row: dict) -> None:
+        row.update({k: self.env[k] for k in ("machine", "versions", "commit", "date")})
+        self.rows.append(row)
+        self.done.add(row["key"])
+        write_results(NAME, self.rows)
+        shown = {k: row[k] for k in ("section", "model", "label", "target", "accuracy", "params_ratio", "seconds") if k in row}
+        print(json.dumps(shown), flush=True)
+
+    def datd_run(self, section: str, model: str, target: str, label: str, *, calib_images: int = 2048, seed: int = 0,
+                 stats_data: str | None = None, **config) -> None:
+        stats_data = stats_data or self.calib_data
+        key = f"{section}|{model}|{target}|{label}|{stats_data}|{calib_images}|{seed}|{self.eval_data}|{self.eval_limit}"
+        if key in self.done:
+            return
+        stats, stats_seconds = self.statistics(model, stats_data, calib_images, seed)
+        calib = self.calib(model, min(calib_images, 2048), seed)
+        start = time.perf_counter()
+        compressed, report = datd.compress(self.loaded(model).model, calib, target=target, stats=stats, seed=seed,
+                                           progress=False, **config)
+        seconds = time.perf_counter() - start
+        self.record({
+            "key": key, "section": section, "model": model, "label": label, "target": target, **config,
+            "stats_data": stats_data, "calib_images": calib_images, "seed": seed, "eval_data": self.eval_data,
+            "eval_limit": self.eval_limit, "accuracy_before": self.base_accuracy(model),
+            "accuracy": self.evaluate(compressed, model), "params_ratio": report["params_ratio"],
+            "macs_ratio": report["macs_ratio"], "params_after": report["params_after"], "macs_after": report["macs_after"],
+            "seconds": seconds, "stats_seconds": stats_seconds, "timings": report["timings"],
+            "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "params_before", "params_after")}
+                       for l in report["layers"]],
+        })
+
+
+QUICK_COMBOS = [("auto", "sigma", "auto"), ("tucker2", "sigma", "auto"), ("cp", "sigma", "uniform"),
+                ("tucker2", "frobenius", "uniform")]
+
+
+def grid(runner: Runner, models: list[str], targets: list[str], quick: bool = False) -> None:
+    combos = QUICK_COMBOS if quick else [(m, n, r) for m in METHODS for n in ("sigma", "frobenius") for r in ("uniform", "auto")]
+    for model in models:
+        for target in targets:
+            runner.datd_run("grid", model, target, "paper: tucker2/sigma/uniform, no bias correction", **PAPER)
+            runner.datd_run("grid", model, target, "classical: tucker2/frobenius/uniform, no bias correction", **CLASSICAL)
+            for method, norm, ranks in combos:
+                runner.datd_run("grid", model, target, f"datd: {method}/{norm}/{ranks}", method=method,
+                                norm=norm, ranks=ranks, bias_correction=True)
+
+
+def _tltorch_compress(model: nn.Module, ratio: float, factorization: str, min_params: int) -> nn.Module:
+    import tltorch
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.groups == 1 and module.weight.numel() >= min_params:
+            factorized = tltorch.FactorizedConv.from_conv(
+                module, rank=ratio, factorization=factorization, implementation="factorized", decompose_weights=True,
+                decomposition_kwargs={"n_iter_max": 25})
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, factorized)
+    return model
+
+
+def peers(runner: Runner, models: list[str], targets: list[str]) -> None:
+    min_params = datd.CompressConfig().min_params
+    for model in models:
+        base = runner.loaded(model).model
+        total = count_params(base)
+        compressible = sum(m.weight.numel() for m in base.modules()
+                           if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.numel() >= min_params)
+        example = batch_inputs(next(iter(runner.calib(model, 8, 0))))[:1]
+        for target in [t for t in targets if t.startswith("params")]:
+            fraction = float(target.split("=")[1])
+            runner.datd_run("peers", model, target, "weight-SVD (AIMET/Kim-style, no data)", method="svd",
+                            norm="frobenius", ranks="uniform", bias_correction=False, sensitivity=False)
+            for factorization in ("tucker", "cp"):
+                label = f"TensorLy-Torch {factorization} (factorized)"
+                key = f"peers|{model}|{target}|{label}|none|0|0|{runner.eval_data}|{runner.eval_limit}"
+                if key in runner.done:
+                    continue
+                ratio = (fraction * total - (total - compressible)) / compressible
+                start = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for _ in range(5):  # TensorLy's rank rounding can overshoot: shrink until the target holds
+                        compressed = _tltorch_compress(base, ratio, factorization, min_params)
+                        if count_params(compressed) <= fraction * total:
+                            break
+                        ratio *= fraction * total / count_params(compressed) * 0.99
+                seconds = time.perf_counter() - start
+                runner.record({
+                    "key": key, "section": "peers", "model": model, "label": label, "target": target,
+                    "method": factorization, "norm": "frobenius", "ranks": f"uniform (TensorLy rank={ratio:.3f})",
+                    "eval_data": runner.eval_data, "eval_limit": runner.eval_limit,
+                    "accuracy_before": runner.base_accuracy(model), "accuracy": runner.evaluate(compressed, model),
+                    "params_ratio": count_params(compressed) / total,
+                    "macs_ratio": count_macs(compressed, example) / count_macs(base, example), "seconds": seconds,
+                })
+
+
+def transfer(runner: Runner, models: list[str], targets: list[str]) -> None:
+    for model in models:
+        for target in targets:
+            for data in ("cifar10:train", "tinyimagenet32", "cifar10:test"):
+                runner.datd_run("transfer", model, target, "default", stats_data=data, **DEFAULT)
+                runner.datd_run("transfer", model, target, "paper", stats_data=data, **PAPER)
+
+
+def calibration(runner: Runner, models: list[str], sizes: list[int]) -> None:
+    for model in models:
+        for n in sizes:
+            runner.datd_run("calibration", model, "params=0.5", "default", calib_images=n, **DEFAULT)
+            runner.datd_run("calibration", model, "params=0.5", "paper", calib_images=n, **PAPER)
+
+
+def seeds(runner: Runner, models: list[str], targets: list[str]) -> None:
+    for model in models:
+        for target in targets:
+            for seed in (0, 1, 2):
+                runner.datd_run("seeds", model, target, "default", seed=seed, **DEFAULT)
+                runner.datd_run("seeds", model, target, "paper", seed=seed, **PAPER)
+
+
+def imagenet(runner: Runner, names: list[str], images: int) -> None:
+    from datd.decompose import tucker2
+    from datd.decompose._linalg import prepare_sigma, relative_error
+    from datd.plan import ranks_for_fraction
+    from datd.layers import Geometry
+
+    for name in names:
+        key = f"imagenet|{name}|{images}"
+        if key in runner.done:
+            continue
+        loaded = load_model(name, "none")
+        loader = calibration_loader(IMAGENET, loaded.preprocessing, images, batch_size=32)
+        start = time.perf_counter()
+        stats = datd.collect_stats(loaded.model, loader, progress=False)
+        stats_seconds = time.perf_counter() - start
+        layers, fit_seconds = [], 0.0
+        for lname, s in stats.items():
+            module = loaded.model.get_submodule(lname)
+            if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1) or module.groups > 1:
+                continue
+            g = Geometry.of(module, s.input_hw, s.output_hw)
+            ranks = ranks_for_fraction("tucker2", g, 0.5, "params")
+            if ranks is None:
+                continue
+            w = module.weight.detach()
+            w1 = w.double().reshape(w.shape[0], -1)
+            sig = prepare_sigma(s.sigma, w1.shape[1], 1e-6)
+            t0 = time.perf_counter()
+            aware = tucker2(w, s.sigma, ranks, max_iter=15)
+            fit_seconds += time.perf_counter() - t0
+            plain = tucker2(w, None, ranks, max_iter=15)
+            layers.append({"name": lname, "shape": list(w.shape), "ranks": list(ranks),
+                           "sigma_error_sigma_fit": relative_error(w1, aware.reconstruct().reshape(w1.shape), sig),
+                           "sigma_error_frobenius_fit": relative_error(w1, plain.reconstruct().reshape(w1.shape), sig)})
+        runner.record({"key": key, "section": "imagenet", "model": name, "label": "tucker2 at 0.5 of each layer",
+                       "images": images, "stats_seconds": stats_seconds, "sigma_fit_seconds": fit_seconds,
+                       "layers": layers})
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def plots(rows: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    grid_rows = [r for r in rows if r["section"] in ("grid", "peers")]
+    for metric in ("params", "macs"):
+        for model in sorted({r["model"] for r in grid_rows}):
+            mine = [r for r in grid_rows if r["model"] == model and r["target"].startswith(metric)]
+            if len({r["target"] for r in mine}) < 2:
+                continue
+            fig, ax = plt.subplots(figsize=(7.5, 5))
+            labels = sorted({r["label"] for r in mine}, key=lambda l: (not l.startswith("datd: auto/sigma/auto"), l))
+            for label in labels:
+                pts = sorted((r[f"{metric}_ratio"], 100 * r["accuracy"]) for r in mine if r["label"] == label)
+                if len(pts) < 2:
+                    continue
+                style = dict(lw=2.5, color="black") if label == "datd: auto/sigma/auto" else dict(lw=1, alpha=0.8)
+                ax.plot(*zip(*pts), marker="o", label=label, **style)
+            base = next((100 * r["accuracy"] for r in rows if r["section"] == "base" and r["model"] == model), None)
+            if base:
+                ax.axhline(base, color="gray", ls=":", label=f"original {base:.2f}%")
+            ax.set_xlabel(f"{metric} kept (fraction of the original model)")
+            ax.set_ylabel("CIFAR-10 top-1 (%) without fine-tuning")
+            ax.set_title(f"{model}: accuracy vs {metric}")
+            ax.set_ylim(0, 100)
+            ax.legend(fontsize=6, loc="lower right", ncol=2)
+            path = RESULTS / f"accuracy_{model}_{metric}.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            written.append(path.name)
+    default = [r for r in rows if r["section"] == "grid" and r["label"] == "datd: auto/sigma/auto" and r["target"] == "params=0.5"]
+    for r in default:
+        layers = [l for l in r["layers"] if l.get("params_before")]
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.2 * len(layers)), 5.5), sharex=True)
+        colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green"}
+        top.bar(range(len(layers)), [l["params_after"] / l["params_before"] for l in layers],
+                color=[colors.get(l["method"], "lightgray") for l in layers])
+        top.set_ylabel("kept params")
+        top.set_title(f"{r['model']} default at params=0.5 (blue Tucker-2, orange CP, green SVD, grey kept)")
+        bottom.bar(range(len(layers)), [l["sigma_error"] or 0 for l in layers], color="tab:red")
+        bottom.set_ylabel("relative Σ-error")
+        bottom.set_xticks(range(len(layers)), [l["name"] for l in layers], rotation=90, fontsize=5)
+        path = RESULTS / f"layers_{r['model']}_default.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
+    out = ["## Accuracy without fine-tuning (`benchmarks/accuracy.py`)", ""]
+    out.append("Top-1 on the full CIFAR-10 test set (10,000 images) unless the eval limit says otherwise; calibration = "
+               "2048 CIFAR-10 training images (seed 0) unless stated; no fine-tuning anywhere. Targets are whole-model "
+               "fractions; 'achieved' is the real ratio. *default* = `datd compress` defaults (auto method, Σ-norm, "
+               "auto ranks, bias correction); *paper* = Tucker-2, Σ-norm, uniform ratio, no bias correction.")
+    out.append("")
+    summary = ["### Best result per model and target", "",
+               "| model | target | best datd (setting) | achieved | paper's setting | Δ vs paper | best peer | Δ vs best peer |",
+               "|---|---|---|---|---|---|---|---|"]
+    grid_rows = [r for r in rows if r["section"] == "grid"]
+    peer_rows = [r for r in rows if r["section"] == "peers"]
+    for model in sorted({r["model"] for r in grid_rows}):
+        for target in TARGETS:
+            cell = [r for r in grid_rows if r["model"] == model and r["target"] == target]
+            if not cell:
+                continue
+            best = max((r for r in cell if r["label"].startswith("datd")), key=lambda r: r["accuracy"], default=None)
+            paper = next((r for r in cell if r["label"].startswith("paper")), None)
+            peer = max((r for r in peer_rows if r["model"] == model and r["target"] == target), key=lambda r: r["accuracy"], default=None)
+            if best is None:
+                continue
+            row = f"| {model} | {target} | {_pct(best['accuracy'])} ({best['label'][6:]}) | {best[target.split('=')[0] + '_ratio']:.3f} | "
+            row += f"{_pct(paper['accuracy'])} | {100 * (best['accuracy'] - paper['accuracy']):+.2f} | " if paper else "— | — | "
+            row += f"{_pct(peer['accuracy'])} ({peer['label']}) | {100 * (best['accuracy'] - peer['accuracy']):+.2f} |" if peer else "— | — |"
+            summary.append(row)
+    out += summary + [""]
+    for model in sorted({r["model"] for r in grid_rows}):
+        base = next((r["accuracy"] for r in rows if r["section"] == "base" and r["model"] == model), None)
+        out += [f"### {model} (original {_pct(base) if base else '?'}%): every setting", "",
+                "| setting | " + " | ".join(TARGETS) + " |", "|---|" + "---|" * len(TARGETS)]
+        labels = sorted({r["label"] for r in rows if r["section"] in ("grid", "peers") and r["model"] == model},
+                        key=lambda l: (not l.startswith("datd: auto/sigma/auto"), not l.startswith("paper"), l))
+        for label in labels:
+            cells = []
+            for target in TARGETS:
+                r = next((r for r in rows if r["section"] in ("grid", "peers") and r["model"] == model and r["label"] == label and r["target"] == target), None)
+                cells.append(f"{_pct(r['accuracy'])} ({r['seconds']:.0f}s)" if r else "")
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        out.append("")
+    transfer_rows = [r for r in rows if r["section"] == "transfer"]
+    if transfer_rows:
+        out += ["### Σ transfer: statistics from another data set", "",
+                "| model | target | setting | Σ from CIFAR-10 train | Σ from Tiny-ImageNet-32 | drop | Σ from CIFAR-10 test (upper reference) |",
+                "|---|---|---|---|---|---|---|"]
+        for key in sorted({(r["model"], r["target"], r["label"]) for r in transfer_rows}):
+            acc = {r["stats_data"]: r["accuracy"] for r in transfer_rows if (r["model"], r["target"], r["label"]) == key}
+            if "cifar10:train" in acc and "tinyimagenet32" in acc:
+                out.append(f"| {key[0]} | {key[1]} | {key[2]} | {_pct(acc['cifar10:train'])} | {_pct(acc['tinyimagenet32'])} | "
+                           f"{100 * (acc['tinyimagenet32'] - acc['cifar10:train']):+.2f} | {_pct(acc.get('cifar10:test', float('nan')))} |")
+        out.append("")
+    calib_rows = [r for r in rows if r["section"] == "calibration"]
+    if calib_rows:
+        out += ["### Calibration size (params=0.5)", "", "| model | setting | images | accuracy | statistics time (s) | compress time (s) |",
+                "|---|---|---|---|---|---|"]
+        for r in sorted(calib_rows, key=lambda r: (r["model"], r["label"], r["calib_images"])):
+            out.append(f"| {r['model']} | {r['label']} | {r['calib_images']} | {_pct(r['accuracy'])} | {r['stats_seconds']:.1f} | {r['seconds']:.1f} |")
+        out.append("")
+    seed_rows = [r for r in rows if r["section"] == "seeds"]
+    if seed_rows:
+        out += ["### Seeds (calibration subset and fits): mean ± std over seeds", "",
+                "| model | target | setting | seeds | mean | std | min | max |", "|---|---|---|---|---|---|---|---|"]
+        for key in sorted({(r["model"], r["target"], r["label"]) for r in seed_rows}):
+            accs = torch.tensor([100 * r["accuracy"] for r in seed_rows if (r["model"], r["target"], r["label"]) == key])
+            std = float(accs.std()) if len(accs) > 1 else 0.0
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(accs)} | {float(accs.mean()):.2f} | {std:.2f} | "
+                       f"{float(accs.min()):.2f} | {float(accs.max()):.2f} |")
+        out.append("")
+    imagenet_rows = [r for r in rows if r["section"] == "imagenet"]
+    if imagenet_rows:
+        out += ["### ImageNet architectures (random init; Σ from the real ImageNet sample at 224×224)", "",
+                "Per-layer relative Σ-error of Tucker-2 fits at equal ranks (half of each layer's parameters), "
+                "Σ-fit vs Frobenius fit, k×k convolutions; no pretrained weights are available offline, so no accuracy.", "",
+                "| model | images | k×k layers | mean Σ-error, Σ fit | mean Σ-error, Frobenius fit | layers where Σ fit is better | statistics (s) | Σ fits (s) |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in imagenet_rows:
+            ls = r["layers"]
+            a = sum(l["sigma_error_sigma_fit"] for l in ls) / len(ls)
+            f = sum(l["sigma_error_frobenius_fit"] for l in ls) / len(ls)
+            better = sum(l["sigma_error_sigma_fit"] < l["sigma_error_frobenius_fit"] for l in ls)
+            out.append(f"| {r['model']} | {r['images']} | {len(ls)} | {a:.4f} | {f:.4f} | {better}/{len(ls)} | "
+                       f"{r['stats_seconds']:.1f} | {r['sigma_fit_seconds']:.1f} |")
+        out.append("")
+    if figures:
+        out += ["### Plots", ""] + [f"![{f}](benchmarks/results/{f})" for f in figures] + [""]
+    runs = [r for r in rows if r["section"] == "invocation"]
+    if runs:
+        out += ["### Invocations that produced these results", "", "| date | command | wall time (min) |", "|---|---|---|"]
+        out += [f"| {r['date']} | `{r['command']}` | {r['seconds'] / 60:.1f} |" for r in runs]
+        out += [f"| | total | {sum(r['seconds'] for r in runs) / 60:.1f} |", ""]
+    out.append(env_lines(env))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ResNet-20, params=0.5 and 0.25, key settings and peers")
+    parser.add_argument("--sections", default="grid,peers,transfer,calibration,seeds,imagenet")
+    parser.add_argument("--models", default="cifar_resnet20,cifar_resnet56")
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--fresh", action="store_true", help="recompute results already in the results file")
+    parser.add_argument("--eval-limit", type=int, default=None)
+    parser.add_argument("--model", default=None, help="one model of the user's (with --weights/--data), grid of default and paper")
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--data", default="cifar10", help="evaluation data")
+    parser.add_argument("--calib-data", default=None, help="calibration data (default: --data)")
+    parser.add_argument("--report-only", action="store_true", help="regenerate BENCHMARKS.md and plots from the results file")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    env = environment()
+    start = time.perf_counter()
+    if args.model:  # a user's model and data, e.g. ImageNet with real weights
+        runner = Runner(env, args.fresh, args.eval_limit, args.weights, args.data, args.calib_data or args.data)
+        for target in args.targets.split(","):
+            runner.datd_run("user", args.model, target, "default", **DEFAULT)
+            runner.datd_run("user", args.model, target, "paper", **PAPER)
+        return
+    runner = Runner(env, args.fresh, args.eval_limit)
+    models, targets, sections = args.models.split(","), args.targets.split(","), args.sections.split(",")
+    if args.quick:
+        models, targets, sections = ["cifar_resnet20"], ["params=0.5", "params=0.25"], ["grid", "peers"]
+    if not args.report_only:
+        if "grid" in sections:
+            grid(runner, models, targets, quick=args.quick)
+        if "peers" in sections:
+            peers(runner, models, targets[:1] if args.quick else targets)
+        if "transfer" in sections:
+            transfer(runner, models, ["params=0.5", "params=0.25"])
+        if "calibration" in sections:
+            calibration(runner, ["cifar_resnet20"], [64, 256, 1024, 4096, 16384])
+        if "seeds" in sections:
+            seeds(runner, models, ["params=0.5", "params=0.25"])
+        if "imagenet" in sections:
+            imagenet(runner, ["resnet18", "resnet50", "googlenet"], 256)
+    if not args.report_only:
+        runner.record({"key": f"invocation|{env['date']}", "section": "invocation", "command": env["command"],
+                       "seconds": time.perf_counter() - start})
+    figures = plots(runner.rows)
+    update_section(NAME, markdown(runner.rows, env, figures))
+
+
+if __name__ == "__main__":
+    main()
