@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn

@@ -176,7 +176,7 @@ def compress(
     if plan_file is not None:
         choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
     elif config.ranks == "uniform":
-        choice = _uniform(layers, budget, target, settings, config, total, fixed)
+        choice = _uniform(layers, budget, target, settings, total, fixed)
     else:
         options = _options(layers, config, target, progress)
         try:
@@ -289,13 +289,12 @@ def _interpolated(method: str, g: Geometry, ladder: list[tuple[int, ...]], point
     return out
 
 
-def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings, config: CompressConfig,
+def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings,
              total: int, fixed: int) -> dict[str, Option]:
     """The same cost ratio ρ in every layer: the largest ρ (bisection) whose per-layer ranks — the largest
     with cost ≤ ρ · dense cost — fit the budget. With method 'auto', each layer takes the decomposition with
     the least damage at its ratio."""
     metric = target.metric
-    compressible = sum(metric_of(dense_cost(l.geometry), metric) for l in layers.values())
 
     def ranks_at(ratio: float) -> dict[tuple[str, str], tuple[int, ...]]:
         out = {}
