@@ -54,12 +54,17 @@ class Runner:
     """Loads models/data once, caches statistics, evaluates with channels-last convolutions (faster on CPU)."""
 
     def __init__(self, env: dict, fresh: bool, eval_limit: int | None, weights: str | None = None,
-                 eval_data: str = "cifar10", calib_data: str = "cifar10"):
+                 eval_data: str = "cifar10", calib_data: str = "cifar10", redo: tuple[str, ...] = ()):
         self.env, self.eval_limit, self.weights = env, eval_limit, weights
         self.eval_data, self.calib_data = eval_data, calib_data
-        self.rows = [] if fresh else read_results(NAME)
+        self.rows = [] if fresh else [r for r in read_results(NAME)
+                                      if r["section"] not in redo and f"{r['section']}:{r.get('model')}" not in redo]
         self.done = {r["key"] for r in self.rows}
         self.stats: dict[tuple, tuple[Statistics, float]] = {}
+        self.fit_caches: dict[tuple, dict] = {}  # per statistics: fits reused across targets and settings
+        self.started = time.perf_counter()
+        self.invocation = {"key": f"invocation|{env['date']}", "section": "invocation", "command": env["command"], "date": env["date"],
+                           "seconds": 0.0}
         self.models: dict[str, object] = {}
 
     def loaded(self, model: str):
@@ -92,9 +97,12 @@ class Runner:
         return next(r["accuracy"] for r in self.rows if r["key"] == key)
 
     def record(self, row: dict) -> None:
+        """Store a result, and the wall time of this invocation so far (kept even if the run is interrupted)."""
         row.update({k: self.env[k] for k in ("machine", "versions", "commit", "date")})
         self.rows.append(row)
         self.done.add(row["key"])
+        self.invocation["seconds"] = time.perf_counter() - self.started
+        self.rows = [r for r in self.rows if r["key"] != self.invocation["key"]] + [self.invocation]
         write_results(NAME, self.rows)
         shown = {k: row[k] for k in ("section", "model", "label", "target", "accuracy", "params_ratio", "seconds") if k in row}
         print(json.dumps(shown), flush=True)
@@ -108,8 +116,9 @@ class Runner:
         stats, stats_seconds = self.statistics(model, stats_data, calib_images, seed)
         calib = self.calib(model, min(calib_images, 2048), seed)
         start = time.perf_counter()
+        cache = self.fit_caches.setdefault((model, stats_data, calib_images, seed), {})
         compressed, report = datd.compress(self.loaded(model).model, calib, target=target, stats=stats, seed=seed,
-                                           progress=False, **config)
+                                           progress=False, fit_cache=cache, **config)
         seconds = time.perf_counter() - start
         self.record({
             "key": key, "section": section, "model": model, "label": label, "target": target, **config,
@@ -157,8 +166,6 @@ def peers(runner: Runner, models: list[str], targets: list[str]) -> None:
     for model in models:
         base = runner.loaded(model).model
         total = count_params(base)
-        compressible = sum(m.weight.numel() for m in base.modules()
-                           if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.numel() >= min_params)
         example = batch_inputs(next(iter(runner.calib(model, 8, 0))))[:1]
         for target in [t for t in targets if t.startswith("params")]:
             fraction = float(target.split("=")[1])
@@ -169,15 +176,21 @@ def peers(runner: Runner, models: list[str], targets: list[str]) -> None:
                 key = f"peers|{model}|{target}|{label}|none|0|0|{runner.eval_data}|{runner.eval_limit}"
                 if key in runner.done:
                     continue
-                ratio = (fraction * total - (total - compressible)) / compressible
                 start = time.perf_counter()
+                # TensorLy-Torch's rank fraction is not the kept parameter fraction: bisect it so that the whole
+                # model has as many parameters as possible within the target (the same budget datd gets).
+                low, high, compressed, ratio = 0.0, 1.0, None, 0.0
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    for _ in range(5):  # TensorLy's rank rounding can overshoot: shrink until the target holds
-                        compressed = _tltorch_compress(base, ratio, factorization, min_params)
-                        if count_params(compressed) <= fraction * total:
-                            break
-                        ratio *= fraction * total / count_params(compressed) * 0.99
+                    for _ in range(8):
+                        mid = (low + high) / 2
+                        candidate = _tltorch_compress(base, mid, factorization, min_params)
+                        if count_params(candidate) <= fraction * total:
+                            low, compressed, ratio = mid, candidate, mid
+                        else:
+                            high = mid
+                if compressed is None:
+                    continue
                 seconds = time.perf_counter() - start
                 runner.record({
                     "key": key, "section": "peers", "model": model, "label": label, "target": target,
@@ -314,7 +327,9 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
     out.append("Top-1 on the full CIFAR-10 test set (10,000 images) unless the eval limit says otherwise; calibration = "
                "2048 CIFAR-10 training images (seed 0) unless stated; no fine-tuning anywhere. Targets are whole-model "
                "fractions; 'achieved' is the real ratio. *default* = `datd compress` defaults (auto method, Σ-norm, "
-               "auto ranks, bias correction); *paper* = Tucker-2, Σ-norm, uniform ratio, no bias correction.")
+               "auto ranks, bias correction); *paper* = Tucker-2, Σ-norm, uniform ratio, no bias correction. Times in "
+               "parentheses are `compress` seconds on this machine with statistics precomputed; within one invocation "
+               "fits are reused across targets (`fit_cache`), so later targets of a sweep are cheaper than a cold run.")
     out.append("")
     summary = ["### Best result per model and target", "",
                "| model | target | best datd (setting) | achieved | paper's setting | Δ vs paper | best peer | Δ vs best peer |",
@@ -410,6 +425,7 @@ def main() -> None:
     parser.add_argument("--models", default="cifar_resnet20,cifar_resnet56")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--fresh", action="store_true", help="recompute results already in the results file")
+    parser.add_argument("--redo", default="", help="comma-separated sections (or section:model) whose stored results are recomputed")
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--model", default=None, help="one model of the user's (with --weights/--data), grid of default and paper")
     parser.add_argument("--weights", default=None)
@@ -419,14 +435,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     env = environment()
-    start = time.perf_counter()
     if args.model:  # a user's model and data, e.g. ImageNet with real weights
         runner = Runner(env, args.fresh, args.eval_limit, args.weights, args.data, args.calib_data or args.data)
         for target in args.targets.split(","):
             runner.datd_run("user", args.model, target, "default", **DEFAULT)
             runner.datd_run("user", args.model, target, "paper", **PAPER)
         return
-    runner = Runner(env, args.fresh, args.eval_limit)
+    runner = Runner(env, args.fresh, args.eval_limit, redo=tuple(filter(None, args.redo.split(","))))
     models, targets, sections = args.models.split(","), args.targets.split(","), args.sections.split(",")
     if args.quick:
         models, targets, sections = ["cifar_resnet20"], ["params=0.5", "params=0.25"], ["grid", "peers"]
@@ -443,9 +458,6 @@ def main() -> None:
             seeds(runner, models, ["params=0.5", "params=0.25"])
         if "imagenet" in sections:
             imagenet(runner, ["resnet18", "resnet50", "googlenet"], 256)
-    if not args.report_only:
-        runner.record({"key": f"invocation|{env['date']}", "section": "invocation", "command": env["command"],
-                       "seconds": time.perf_counter() - start})
     figures = plots(runner.rows)
     update_section(NAME, markdown(runner.rows, env, figures))
 

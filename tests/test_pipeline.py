@@ -133,3 +133,17 @@ def test_bad_input_is_refused(setup, tmp_path):
         broken.features[3].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         datd.compress(broken, calib, **FAST)
+
+
+def test_fit_cache_reuses_fits_across_targets(setup):
+    model, calib, _ = setup
+    stats = datd.collect_stats(model, calib, progress=False)
+    cache: dict = {}
+    for target in ("params=0.6", "params=0.4"):
+        cached, report = datd.compress(model, calib, target=target, stats=stats, fit_cache=cache, **FAST)
+        plain, report_plain = datd.compress(model, calib, target=target, stats=stats, **FAST)
+        assert report["plan"] == report_plain["plan"]
+        assert torch.equal(cached(calib[0]), plain(calib[0]))
+    assert any(len(v) > 3 for k, v in cache.items() if k != "statistics")
+    with pytest.raises(ValueError, match="same statistics"):
+        datd.compress(model, calib, stats=datd.collect_stats(model, calib, progress=False), fit_cache=cache, **FAST)

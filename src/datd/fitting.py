@@ -12,6 +12,7 @@ per-channel sensitivities of ``datd.sensitivity`` (all ones: the plain squared o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,14 @@ class LayerProblem:
         """W₁ (T, D) float64."""
         return self.weight.detach().double().reshape(self.weight.shape[0], -1)
 
+    @functools.cached_property
+    def covariance(self) -> Tensor:
+        """C = Σ − μμᵀ (D, D)."""
+        return self.sigma - torch.outer(self.mean, self.mean)
+
     def error_moment(self, bias_correction: bool) -> Tensor:
         """The moment M with E‖output error‖² = tr((W − W̃) M (W − W̃)ᵀ): C with bias correction, else Σ."""
-        return self.sigma - torch.outer(self.mean, self.mean) if bias_correction else self.sigma
+        return self.covariance if bias_correction else self.sigma
 
     def fit_moment(self, norm: str, bias_correction: bool) -> Tensor | None:
         if norm not in NORMS:

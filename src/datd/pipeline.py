@@ -93,7 +93,7 @@ class _Layer:
     module: nn.Module
     methods: tuple[str, ...]
     sensitivity: torch.Tensor  # per-output-channel weights of the damage (ones unless measured)
-    fits: dict[tuple[str, tuple[int, ...]], Decomposition] = field(default_factory=dict)
+    fits: dict[tuple[str, tuple[int, ...], FitSettings], Decomposition] = field(default_factory=dict)
 
     @property
     def geometry(self) -> Geometry:
@@ -110,6 +110,7 @@ def compress(
     eval_data: Iterable | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    fit_cache: dict | None = None,
     **overrides,
 ) -> tuple[nn.Module, dict]:
     """Compress a copy of ``model`` to the configured budget; return it with a report dict.
@@ -119,7 +120,9 @@ def compress(
     (``compress(model, calib, target="params=0.5", method="tucker2")``). ``stats``: reuse saved statistics
     (for instance from another data set) instead of collecting them on ``calib``. ``filter_fn(module,
     name)`` chooses the layers that may be compressed. ``eval_data``: (input, label) batches; when given,
-    the report holds top-1 accuracy before and after.
+    the report holds top-1 accuracy before and after. ``fit_cache``: a dict kept by the caller to reuse
+    fits across calls on the same model with the same ``stats`` (e.g. to plan several budgets: the
+    candidate fits do not depend on the target).
     """
     config = CompressConfig(**{**(asdict(config) if config else {}), **overrides})
     start = time.perf_counter()
@@ -151,6 +154,9 @@ def compress(
                              "model, or leave those layers out with filter_fn)")
     timings["statistics"] = time.perf_counter() - tick
 
+    if fit_cache is not None:
+        if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
+            raise ValueError("fit_cache can only be reused with the same statistics object (pass stats=...)")
     layers: dict[str, _Layer] = {}
     plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
     for name in wanted:
@@ -158,6 +164,8 @@ def compress(
             skipped[name] = "kept dense by the plan"
             continue
         layers[name] = _make_layer(name, candidates[name], stats, config)
+        if fit_cache is not None:
+            layers[name].fits = fit_cache.setdefault(name, {})
 
     tick = time.perf_counter()
     if config.ranks == "auto" and config.sensitivity and layers:
@@ -236,7 +244,7 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
 
 
 def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
-    key = (method, tuple(ranks), settings.max_iter)
+    key = (method, tuple(ranks), settings)
     if key not in layer.fits:
         layer.fits[key] = fit(layer.problem, method, ranks, settings)
     return layer.fits[key]
