@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from datd.decompose import DEFAULT_SIGMA_REG
+from datd.decompose._linalg import prepare_sigma, relative_error
 from datd.io import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,13 @@ def environment() -> dict:
         "commit": commit + ("+uncommitted" if dirty else ""),
         "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
     }
+
+
+def sigma_error(weight: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor | None) -> float:
+    """‖(W − W̃)Σ^{1/2}‖/‖WΣ^{1/2}‖ for weights of any shape (T, …) with Σ (D, D) regularized as the fits do it;
+    ``sigma=None``: the Frobenius error."""
+    w1 = weight.double().reshape(weight.shape[0], -1)
+    return relative_error(w1, approx.double().reshape(w1.shape), prepare_sigma(sigma, w1.shape[1], DEFAULT_SIGMA_REG))
 
 
 def write_results(name: str, rows: list[dict]) -> Path:

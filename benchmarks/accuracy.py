@@ -15,7 +15,7 @@ kept and skipped on the next run unless --fresh, so the full run can be done in 
 - seeds:       three seeds (calibration subset and fits) for the default and the paper's setting.
 - imagenet:    torchvision ResNet-18/50 and GoogLeNet at 224×224 (random init, Σ from the 1,000 real ImageNet
                sample images): per-layer relative Σ-error of Σ vs Frobenius Tucker-2 fits at equal ranks, and
-               the time of each stage.
+               the time of each stage (statistics of the k×k convolutions, Σ fits).
 
     python benchmarks/accuracy.py --quick            # a subset, < 15 min on 2 cores
     python benchmarks/accuracy.py                    # everything (hours on 2 cores; see BENCHMARKS.md)
@@ -32,12 +32,14 @@ import time
 import warnings
 from collections import Counter
 
+import numpy as np
 import torch
 from _common import (
     RESULTS,
     env_lines,
     environment,
     read_results,
+    sigma_error,
     update_section,
     write_results,
 )
@@ -155,14 +157,17 @@ def grid(runner: Runner, models: list[str], targets: list[str], quick: bool = Fa
                                 norm=norm, ranks=ranks, bias_correction=True)
 
 
-def _tltorch_compress(model: nn.Module, ratio: float, factorization: str, min_params: int) -> nn.Module:
+def _tltorch_compress(model: nn.Module, ratio: float, factorization: str, min_params: int,
+                      decompose: bool = True) -> nn.Module:
+    """TensorLy-Torch factorized convolutions in place of every dense conv; ``decompose=False`` only builds
+    the structure (to count its parameters)."""
     import tltorch
 
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Conv2d) and module.groups == 1 and module.weight.numel() >= min_params:
             factorized = tltorch.FactorizedConv.from_conv(
-                module, rank=ratio, factorization=factorization, implementation="factorized", decompose_weights=True,
+                module, rank=ratio, factorization=factorization, implementation="factorized", decompose_weights=decompose,
                 decomposition_kwargs={"n_iter_max": 25})
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, factorized)
@@ -187,18 +192,22 @@ def peers(runner: Runner, models: list[str], targets: list[str]) -> None:
                 start = time.perf_counter()
                 # TensorLy-Torch's rank fraction is not the kept parameter fraction: bisect it so that the whole
                 # model has as many parameters as possible within the target (the same budget datd gets).
-                low, high, compressed, ratio = 0.0, 1.0, None, 0.0
+                # The parameter count does not depend on the fit, so the bisection builds structures only.
+                low, high, ratio = 0.0, 1.0, None
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     for _ in range(8):
                         mid = (low + high) / 2
-                        candidate = _tltorch_compress(base, mid, factorization, min_params)
-                        if count_params(candidate) <= fraction * total:
-                            low, compressed, ratio = mid, candidate, mid
+                        if count_params(_tltorch_compress(base, mid, factorization, min_params, decompose=False)) <= fraction * total:
+                            low, ratio = mid, mid
                         else:
                             high = mid
-                if compressed is None:
-                    continue
+                    if ratio is None:
+                        continue
+                    # TensorLy's CP initialization fills ranks beyond the SVD's from the global generators.
+                    np.random.seed(0)
+                    torch.manual_seed(0)
+                    compressed = _tltorch_compress(base, ratio, factorization, min_params)
                 seconds = time.perf_counter() - start
                 runner.record({
                     "key": key, "section": "peers", "model": model, "label": label, "target": target,
@@ -235,7 +244,6 @@ def seeds(runner: Runner, models: list[str], targets: list[str]) -> None:
 
 def imagenet(runner: Runner, names: list[str], images: int) -> None:
     from datd.decompose import tucker2
-    from datd.decompose._linalg import prepare_sigma, relative_error
     from datd.layers import Geometry
     from datd.plan import ranks_for_fraction
 
@@ -246,27 +254,24 @@ def imagenet(runner: Runner, names: list[str], images: int) -> None:
         loaded = load_model(name, "none")
         loader = calibration_loader(IMAGENET, loaded.preprocessing, images, batch_size=32)
         start = time.perf_counter()
-        stats = datd.collect_stats(loaded.model, loader, progress=False)
+        stats = datd.collect_stats(loaded.model, loader, progress=False, layers=lambda m, _: (
+            isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1))  # the k×k convs only
         stats_seconds = time.perf_counter() - start
         layers, fit_seconds = [], 0.0
         for lname, s in stats.items():
             module = loaded.model.get_submodule(lname)
-            if not isinstance(module, nn.Conv2d) or module.kernel_size == (1, 1) or module.groups > 1:
-                continue
             g = Geometry.of(module, s.input_hw, s.output_hw)
             ranks = ranks_for_fraction("tucker2", g, 0.5, "params")
             if ranks is None:
                 continue
             w = module.weight.detach()
-            w1 = w.double().reshape(w.shape[0], -1)
-            sig = prepare_sigma(s.sigma, w1.shape[1], 1e-6)
             t0 = time.perf_counter()
             aware = tucker2(w, s.sigma, ranks, max_iter=15)
             fit_seconds += time.perf_counter() - t0
             plain = tucker2(w, None, ranks, max_iter=15)
             layers.append({"name": lname, "shape": list(w.shape), "ranks": list(ranks),
-                           "sigma_error_sigma_fit": relative_error(w1, aware.reconstruct().reshape(w1.shape), sig),
-                           "sigma_error_frobenius_fit": relative_error(w1, plain.reconstruct().reshape(w1.shape), sig)})
+                           "sigma_error_sigma_fit": sigma_error(w, aware.reconstruct(), s.sigma),
+                           "sigma_error_frobenius_fit": sigma_error(w, plain.reconstruct(), s.sigma)})
         runner.record({"key": key, "section": "imagenet", "model": name, "label": "tucker2 at 0.5 of each layer",
                        "images": images, "stats_seconds": stats_seconds, "sigma_fit_seconds": fit_seconds,
                        "layers": layers})

@@ -20,10 +20,9 @@ import tensorly
 import torch
 from tensorly.decomposition import parafac, partial_tucker
 
-from _common import env_lines, environment, update_section, write_results
+from _common import env_lines, environment, sigma_error, update_section, write_results
 from datd.data import calibration_loader
 from datd.decompose import cp, tucker2
-from datd.decompose._linalg import prepare_sigma, relative_error
 from datd.models import load_model
 from datd.stats import collect_stats
 
@@ -63,8 +62,6 @@ def timed(fn):
 def run(channels: list[int], iters: int, fraction: float, images: int) -> list[dict]:
     rows = []
     for c, (weight, sigma) in layer_problems(channels, images).items():
-        w1 = weight.double().reshape(c, -1)
-        s_eval = prepare_sigma(sigma, w1.shape[1], 1e-6)
         (r_t, r_s), r_cp = ranks_for(c, fraction)
         w64 = weight.double()
 
@@ -86,12 +83,11 @@ def run(channels: list[int], iters: int, fraction: float, images: int) -> list[d
         }
         for (method, impl), fn in runs.items():
             approx, seconds = timed(fn)
-            approx = approx.reshape(c, -1).double()
             rows.append({
                 "shape": [c, c, 3, 3], "method": method, "implementation": impl,
                 "ranks": [r_t, r_s] if method == "tucker2" else [r_cp], "iterations": iters, "seconds": seconds,
-                "sigma_error": relative_error(w1, approx, s_eval),
-                "frobenius_error": relative_error(w1, approx, None),
+                "sigma_error": sigma_error(weight, approx, sigma),
+                "frobenius_error": sigma_error(weight, approx, None),
                 "source": f"{LAYERS[c][0]}:{LAYERS[c][1]}",
             })
             print(f"{c:4d} {method:8s} {impl:24s} {seconds:8.2f}s  Σ-err {rows[-1]['sigma_error']:.4f}  "

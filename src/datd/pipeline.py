@@ -146,12 +146,7 @@ def compress(
     if stats is None:
         stats = collect_stats(compressed, calib, wanted, device=device, progress=progress)
     else:
-        stats.check(compressed)
-        missing = [n for n in wanted if n not in stats]
-        if missing:
-            raise ValueError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
-                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
-                             "model, or leave those layers out with filter_fn)")
+        stats.check(compressed, required=wanted)
     timings["statistics"] = time.perf_counter() - tick
 
     if fit_cache is not None:

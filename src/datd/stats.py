@@ -114,8 +114,9 @@ class Statistics(dict[str, LayerStats]):
             stats.check(model)
         return stats
 
-    def check(self, model: nn.Module) -> None:
-        """Raise ValueError naming the first layer that is missing from ``model`` or differs in kind/shape."""
+    def check(self, model: nn.Module, required: Iterable[str] = ()) -> None:
+        """Raise ValueError naming the first layer that is missing from ``model`` or differs in kind/shape, or
+        the first of the ``required`` layers that has no statistics."""
         modules = dict(model.named_modules())
         for name, s in self.items():
             module = modules.get(name)
@@ -128,6 +129,11 @@ class Statistics(dict[str, LayerStats]):
                     f"statistics do not match the model at layer '{name}': statistics were collected for "
                     f"{s.kind} {s.weight_shape}, the model has {kind or type(module).__name__} {shape}"
                 )
+        missing = [n for n in required if n not in self]
+        if missing:
+            raise ValueError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
+                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
+                             "model, or leave those layers out with filter_fn)")
 
 
 def _kind(module: nn.Module) -> str | None:
