@@ -13,10 +13,15 @@ def invoke(args):
 def test_help_documents_every_option():
     out = invoke(["compress", "--help"]).output
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
-                   "--eval-data", "--out", "--device", "--seed", "--bias-correction"):
+                   "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
+                   "--memory-format", "--latency-cache", "--measure-latency"):
         assert option in out
-    for command in ("compress", "stats", "eval", "demo"):
+    assert "latency=F" in out
+    for command in ("compress", "stats", "eval", "export", "demo"):
         assert command in invoke(["--help"]).output
+    out = invoke(["export", "--help"]).output
+    for option in ("--format", "--out", "--input-size", "onnx", "torchscript"):
+        assert option in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -29,6 +34,10 @@ def test_help_documents_every_option():
     (["eval", "--data", "cifar10"], "exactly one of --model or --compressed"),
     (["eval", "--compressed", "no-such-dir", "--data", "cifar10"], "no-such-dir"),
     (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--device", "cuda:7"], "CUDA"),
+    (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--target", "latency=0.5", "--ranks", "uniform"],
+     "latency target needs ranks='auto'"),
+    (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--rank-multiple", "-2"], "rank_multiple"),
+    (["export", "no-such-dir", "--out", "m.onnx"], "no-such-dir"),
 ])
 def test_bad_input_exits_with_a_clear_message(args, message):
     result = invoke(args)

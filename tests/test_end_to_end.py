@@ -39,11 +39,32 @@ def test_cli_compresses_resnet20_and_the_reload_scores_the_same(tmp_path):
     assert f"{100 * report['accuracy_after']:.2f}%" in printed and "report.md" in printed
     evaluated = run(["eval", "--compressed", str(out), "--data", "cifar10"])
     assert re.search(rf"accuracy\s+{100 * report['accuracy_after']:.2f}%", evaluated), evaluated
+    # params targets report the measured latency too, and the model exports in its inference form
+    assert report["latency"]["original_s"] > 0 and "latency" in printed
+    printed = run(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "r20.onnx")])
+    assert (tmp_path / "r20.onnx").is_file() and "checked against torch" in printed
     # the plan can be read back: same layers, same ranks, same model
     again = tmp_path / "again"
     run(["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--ranks", str(out / "plan.json"),
          "--out", str(again), "--eval-limit", "500"])
     assert json.loads((again / "plan.json").read_text())["layers"] == json.loads((out / "plan.json").read_text())["layers"]
+
+
+def test_latency_target_on_resnet20(tmp_path):
+    out = tmp_path / "fast"
+    printed = run(["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--target", "latency=0.85",
+                   "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    lat = report["latency"]
+    assert "faster" in printed and 1 <= len(lat["rounds"]) <= 4
+    # whatever the machine measured, the returned model is never slower than the original
+    assert lat["ratio"] < 1 or report["params_after"] == report["params_before"]
+    assert report["accuracy_after"] >= 0.88  # measured: 91.0 % at latency=0.8 on the development machine
+    fast = datd.load(out, load_model("cifar_resnet20").model, inference=True)
+    slow = datd.load(out, load_model("cifar_resnet20").model)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), slow(x), rtol=1e-4, atol=1e-4)
 
 
 def test_resnet56_default_keeps_its_accuracy_at_half_the_parameters():

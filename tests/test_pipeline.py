@@ -6,6 +6,7 @@ from torch import nn
 
 import datd
 from datd.evaluate import count_params
+from datd.inference import MEMORY_FORMATS, form_names
 from datd.layers import FACTORIZED_TYPES
 
 
@@ -38,7 +39,8 @@ def setup():
     return model, calib, eval_data
 
 
-FAST = dict(candidates=(0.2, 0.4, 0.6), candidate_iter=3, max_iter=5, sensitivity_images=64, progress=False)
+FAST = dict(candidates=(0.2, 0.4, 0.6), candidate_iter=3, max_iter=5, sensitivity_images=64, progress=False,
+            latency_batch=8, latency_repeats=3)
 
 
 @pytest.mark.parametrize("method", ["tucker2", "cp", "svd", "auto"])
@@ -147,3 +149,45 @@ def test_fit_cache_reuses_fits_across_targets(setup):
     assert any(len(v) > 3 for k, v in cache.items() if k != "statistics")
     with pytest.raises(ValueError, match="same statistics"):
         datd.compress(model, calib, stats=datd.collect_stats(model, calib, progress=False), fit_cache=cache, **FAST)
+
+
+def test_params_targets_report_measured_latency(setup):
+    model, calib, _ = setup
+    _, report = datd.compress(model, calib, target="params=0.5", **FAST)
+    lat = report["latency"]
+    assert lat["batch"] == 8 and lat["threads"] == torch.get_num_threads() and lat["memory_format"] in MEMORY_FORMATS
+    assert lat["ratio"] == pytest.approx(lat["compressed_s"] / lat["original_s"])
+    assert set(report["inference"]["forms"]) == {l["name"] for l in report["layers"] if "skipped" not in l}
+    _, report = datd.compress(model, calib, target="params=0.5", measure_latency=False, **FAST)
+    assert "latency" not in report and report["inference"]["forms"] == {}
+
+
+def test_latency_target_plans_with_measured_costs(setup):
+    model, calib, eval_data = setup
+    compressed, report = datd.compress(model, calib, target="latency=0.8", eval_data=eval_data, **FAST)
+    lat = report["latency"]
+    assert 1 <= len(lat["rounds"]) <= 4 and all(r["ratio"] > 0 for r in lat["rounds"])
+    assert lat["ratio"] < 1 or not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
+    for layer in report["layers"]:
+        if "skipped" not in layer:
+            assert layer["latency_predicted_s"] > 0 and layer["ranks"]
+            assert report["inference"]["forms"][layer["name"]] in form_names(compressed.get_submodule(layer["name"]))
+    fast = datd.for_inference(compressed, **report["inference"])
+    with torch.no_grad():
+        assert torch.allclose(fast(calib[0]), compressed(calib[0]), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="latency target needs ranks='auto'"):
+        datd.compress(model, calib, target="latency=0.5", ranks="uniform", **FAST)
+
+
+def test_a_latency_target_never_returns_a_slower_model(setup, monkeypatch):
+    model, calib, _ = setup
+
+    def compressed_always_slower(models, example, repeats=15):
+        return {name: 2.0 if name == "compressed" else 1.0 for name in models}
+
+    monkeypatch.setattr(datd.pipeline, "compare", compressed_always_slower)
+    with pytest.warns(UserWarning, match="returning the original model unchanged"):
+        compressed, report = datd.compress(model, calib, target="latency=0.6", **FAST)
+    assert not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
+    assert torch.equal(compressed(calib[0]), model(calib[0]))
+    assert report["latency"]["target_reached"] is False and report["params_after"] == report["params_before"]

@@ -6,7 +6,9 @@ import random
 import pytest
 
 from datd.layers import Cost, Geometry, dense_cost
-from datd.plan import Option, Plan, Target, allocate, check_ranks, factorized_cost, rank_ladder, ranks_for_fraction
+from datd.plan import (
+    LatencyBudget, Option, Plan, Target, allocate, check_ranks, factorized_cost, rank_ladder, ranks_for_fraction,
+)
 
 
 def geometry(t=64, s=32, k=3, hw=8, stride=1):
@@ -104,3 +106,39 @@ def test_plan_json_roundtrip(tmp_path):
     path.write_text('{"layers": {}}')
     with pytest.raises(ValueError, match="not a datd plan"):
         Plan.read(path)
+
+
+def test_latency_targets_parse():
+    target = Target.parse("latency=0.5")
+    assert (target.metric, target.fraction) == ("latency", 0.5) and str(target) == "latency=0.5"
+
+
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp"])
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_rank_multiples(method, multiple):
+    g = geometry(t=64, s=40)
+    ladder = rank_ladder(method, g, multiple)
+    assert ladder
+    for ranks in ladder:
+        caps = (64, 40) if method == "tucker2" else (None,)
+        assert all(r % multiple == 0 or r == cap for r, cap in zip(ranks, caps))
+    if method != "tucker2":
+        assert ladder == [r for r in rank_ladder(method, g) if r[0] % multiple == 0]
+    assert [factorized_cost(method, g, r).params for r in ladder] == sorted(factorized_cost(method, g, r).params for r in ladder)
+    with pytest.raises(ValueError, match="multiple"):
+        rank_ladder(method, g, 0)
+
+
+def test_latency_budget_correction():
+    options = {"a": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 40))],
+               "b": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 30))]}
+    budget = LatencyBudget.of(goal=150, fixed=20, options=options)
+    assert budget.cheapest == 70 and budget.allowed == 130
+    # the layers ran 1.3× slower than predicted: the next plan is allocated at 130 / 1.3
+    corrected = budget.corrected(predicted=100, realized=130)
+    assert corrected.allowed == 100
+    assert budget.corrected(predicted=100, realized=-5) is None
+    # an unreachable goal asks for the cheapest plan
+    assert LatencyBudget.of(goal=50, fixed=20, options=options).allowed == 70
+    chosen = allocate(options, corrected.allowed, "latency")
+    assert sum(o.cost.latency for o in chosen.values()) <= 100

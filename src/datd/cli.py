@@ -11,6 +11,7 @@ import torch
 from . import io
 from .data import calibration_loader, eval_loader
 from .evaluate import accuracy, count_macs, count_params
+from .export import FORMATS, export
 from .models import load_model
 from .pipeline import CompressConfig, compress
 from .plan import METHODS
@@ -18,6 +19,7 @@ from .report import write_report
 from .stats import Statistics, batch_inputs, collect_stats
 
 DEFAULTS = CompressConfig()
+DEMO_TARGET = "latency=0.7"
 MODEL_HELP = ("cifar_resnet20|32|44|56|110 (CIFAR-10 ResNets), any torchvision classifier name (resnet18, resnet50, "
               "googlenet, mobilenet_v2, …) or package.module:callable")
 WEIGHTS_HELP = ("a state-dict file (.pth/.th/.safetensors); 'DEFAULT' or a torchvision weights name (downloads); "
@@ -56,7 +58,8 @@ def main() -> None:
 @click.option("--data", required=True, help="calibration data: " + DATA_HELP)
 @click.option("--calib", default=2048, show_default=True, help="number of calibration images")
 @click.option("--target", default=DEFAULTS.target, show_default=True,
-              help="whole-model budget: params=F or macs=F, F a fraction of the original in (0, 1)")
+              help="whole-model budget: params=F, macs=F or latency=F (measured time of the inference form at "
+                   "--latency-batch on --device), F a fraction of the original in (0, 1)")
 @click.option("--method", type=click.Choice(METHODS + ("auto",)), default=DEFAULTS.method, show_default=True,
               help="decomposition; auto picks per layer the one with the least predicted damage")
 @click.option("--norm", type=click.Choice(["sigma", "frobenius"]), default=DEFAULTS.norm, show_default=True,
@@ -74,32 +77,45 @@ def main() -> None:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
 @click.option("--seed", default=DEFAULTS.seed, show_default=True, help="seed of the calibration subset and the fits")
 @click.option("--batch-size", default=128, show_default=True)
+@click.option("--latency-batch", default=DEFAULTS.latency_batch, show_default=True,
+              help="batch size at which latency is measured (and budgeted with latency=F)")
+@click.option("--rank-multiple", default=DEFAULTS.rank_multiple, show_default=True,
+              help="every rank a multiple of M; 0 = automatic (the device's granularity for latency targets, 1 else)")
+@click.option("--memory-format", type=click.Choice(["auto", "contiguous", "channels_last"]),
+              default=DEFAULTS.memory_format, show_default=True, help="memory format of the inference form")
+@click.option("--latency-cache", default=DEFAULTS.latency_cache, show_default=True,
+              help="per-layer timings cache: 'default' (~/.cache/datd/latency.json or $DATD_CACHE_DIR), 'none' or a path")
+@click.option("--measure-latency/--no-measure-latency", default=DEFAULTS.measure_latency, show_default=True,
+              help="with params/macs targets, measure the latency before/after too")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
-                     eval_data, eval_limit, out_dir, device, seed, batch_size) -> None:
+                     eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
+                     memory_format, latency_cache, measure_latency) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     try:
-        _compress(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
-                  eval_data, eval_limit, out_dir, device, seed, batch_size)
+        config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
+                                seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
+                                memory_format=memory_format, latency_cache=latency_cache,
+                                measure_latency=measure_latency)
+        _compress(model_name, weights, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device,
+                  batch_size)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         _fail(exc)
 
 
-def _compress(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path, eval_data,
-              eval_limit, out_dir, device, seed, batch_size) -> None:
-    config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
-                            seed=seed)
+def _compress(model_name, weights, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device,
+              batch_size) -> None:
     device = _device(device)
     loaded = load_model(model_name, weights)
-    calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
+    calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=config.seed)
     stats = Statistics.load(stats_path, loaded.model) if stats_path else None
     evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None)
     out = Path(out_dir or f"runs/{model_name.replace(':', '_')}-{config.target.replace('=', '')}")
-    click.echo(f"compressing {model_name} to {config.target} with {method}/{norm}/{ranks} on {device} "
+    click.echo(f"compressing {model_name} to {config.target} with {config.method}/{config.norm}/{config.ranks} on {device} "
                f"({calib} calibration images from {data})", err=True)
     compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device)
     report["source"] = {"model": model_name, "weights": loaded.weights, "data": data, "calib": calib,
                         "eval_data": eval_data or data, "eval_limit": eval_limit}
-    io.save(compressed, out, source={"model": model_name, "weights": loaded.weights})
+    io.save(compressed, out, source={"model": model_name, "weights": loaded.weights}, inference=report["inference"])
     paths = write_report(report, out)
     _summary(report, out, paths["markdown"])
 
@@ -120,6 +136,16 @@ def _summary(report: dict, out: Path, markdown: Path) -> None:
         click.echo(f"accuracy  {100 * report['accuracy_before']:.2f}% -> {100 * report['accuracy_after']:.2f}%")
     click.echo(f"params    {report['params_before']:,} -> {report['params_after']:,} ({report['params_ratio']:.3f})")
     click.echo(f"MACs      {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.3f})")
+    if "latency" in report:
+        lat = report["latency"]
+        click.echo(f"latency   {1e3 * lat['original_s']:.2f} ms -> {1e3 * lat['compressed_s']:.2f} ms per batch of "
+                   f"{lat['batch']} ({lat['ratio']:.3f}: {lat['speedup']:.2f}x faster; {lat['speedup_vs_as_given']:.2f}x "
+                   f"faster than the original as given), {lat['threads']} threads, {lat['memory_format']}")
+        if lat["ratio"] >= 1:
+            click.echo(f"warning   the compressed model is not faster than the original at batch {lat['batch']}; "
+                       "use --target latency=F to plan for speed", err=True)
+        elif "target_reached" in lat and not lat["target_reached"]:
+            click.echo(f"warning   the latency target was not reached (measured {lat['ratio']:.3f})", err=True)
     click.echo(f"time      {report['seconds']:.1f} s")
     click.echo(f"model     {out}/")
     click.echo(f"report    {markdown}")
@@ -160,10 +186,7 @@ def eval_command(model_name, weights, compressed, data, limit, device) -> None:
         _fail(ValueError("give exactly one of --model or --compressed"))
     try:
         if compressed:
-            source = io.read_config(compressed)["source"]
-            if "model" not in source:
-                raise ValueError(f"{compressed}/config.json does not say which model it was made from")
-            loaded = load_model(source["model"], source.get("weights"))
+            loaded = _compressed_base(compressed, io.read_config(compressed)["source"])
             io.load(compressed, loaded.model)
         else:
             loaded = load_model(model_name, weights)
@@ -180,12 +203,42 @@ def eval_command(model_name, weights, compressed, data, limit, device) -> None:
     click.echo(f"MACs      {macs:,}")
 
 
+@main.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="onnx", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="file to write")
+@click.option("--input-size", type=int, default=None,
+              help="side of the square input images [default: the model's preprocessing size]")
+def export_command(directory, format_, out_path, input_size) -> None:
+    """Export a compressed model directory (from `datd compress`) in its inference form, dynamic batch size,
+    checked against torch."""
+    try:
+        source = io.read_config(directory)
+        loaded = _compressed_base(directory, source["source"])
+        size = input_size or loaded.preprocessing.size
+        if size is None:
+            raise ValueError(f"{loaded.name} does not fix its input size: pass --input-size")
+        model = io.load(directory, loaded.model)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        path = export(model, example, out_path, format_, **source["inference"])
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
+        _fail(exc)
+    click.echo(f"{format_} model (inputs N×3×{size}×{size}, any N; checked against torch) -> {path}")
+
+
+def _compressed_base(directory, source: dict):
+    """The base model a compressed directory was made from (rebuilt from its config's source)."""
+    if "model" not in source:
+        raise ValueError(f"{directory}/config.json does not say which model it was made from")
+    return load_model(source["model"], source.get("weights"))
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 def demo_command(out_dir) -> None:
-    """The embedded default: the shipped CIFAR-10 ResNet-20 to half its parameters, on the shipped data."""
+    """The shipped CIFAR-10 ResNet-20 made faster (latency=0.7 of its measured time), on the shipped data."""
     try:
-        _compress("cifar_resnet20", None, "cifar10", 2048, "params=0.5", "auto", "sigma", "auto", True, None, None,
-                  None, out_dir, None, 0, 128)
+        _compress("cifar_resnet20", None, "cifar10", 2048, CompressConfig(target=DEMO_TARGET), None, None, None,
+                  out_dir, None, 128)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         _fail(exc)

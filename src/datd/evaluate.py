@@ -1,9 +1,8 @@
-"""Measuring a model: top-1 accuracy, parameters, multiply-accumulates, latency."""
+"""Measuring a model: top-1 accuracy, parameters, multiply-accumulates (latency: ``datd.latency``)."""
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Iterable
 
 import torch
@@ -65,20 +64,3 @@ def accuracy(model: nn.Module, batches: Iterable, *, device: str | torch.device 
     if seen == 0:
         raise ValueError("no evaluation data")
     return correct / seen
-
-
-@torch.no_grad()
-def latency(model: nn.Module, example: Tensor, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one forward pass on ``example``."""
-    model.eval()
-    times = []
-    for i in range(warmup + repeats):
-        if example.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(example)
-        if example.is_cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]

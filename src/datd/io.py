@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .inference import MEMORY_FORMATS, for_inference
 from .layers import FACTORIZED_TYPES
 from .surgery import apply_config
 
@@ -64,17 +65,32 @@ def compression_config(model: nn.Module) -> dict[str, dict]:
     }
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, source: dict | None = None) -> Path:
+def save(model: nn.Module, directory: str | os.PathLike, *, source: dict | None = None,
+         inference: dict | None = None) -> Path:
     """Write a compressed model as ``config.json`` (which layers are factorized how, plus ``source``: how to
-    rebuild the base model, e.g. {"model": "cifar_resnet20", "weights": …}) and ``model.safetensors`` (the
-    full state dict). Returns the directory."""
+    rebuild the base model, e.g. {"model": "cifar_resnet20", "weights": …}, and ``inference``: how it runs
+    fastest, {"memory_format": …, "forms": {layer: form}} as in ``report["inference"]``) and
+    ``model.safetensors`` (the full state dict). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    config = {"format": MODEL_FORMAT, "source": source or {}, "layers": compression_config(model),
+              "inference": _checked_inference(inference or {}, directory / CONFIG_FILE)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
-    write_json(directory / CONFIG_FILE, {"format": MODEL_FORMAT, "source": source or {}, "layers": compression_config(model)})
+    write_json(directory / CONFIG_FILE, config)
     return directory
+
+
+def _checked_inference(inference: dict, where: Path) -> dict:
+    """{"memory_format": str, "forms": {layer: form}} with defaults, or ValueError."""
+    memory_format = inference.get("memory_format", "contiguous")
+    forms = inference.get("forms", {})
+    if (memory_format not in MEMORY_FORMATS or not isinstance(forms, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in forms.items())):
+        raise ValueError(f"{where}: 'inference' must hold a memory_format ({', '.join(MEMORY_FORMATS)}) and forms "
+                         "mapping layer names to execution forms")
+    return {"memory_format": memory_format, "forms": dict(forms)}
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -85,12 +101,14 @@ def read_config(directory: str | os.PathLike) -> dict:
     config = read_json(directory / CONFIG_FILE)
     if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT or not isinstance(config.get("layers"), dict):
         raise ValueError(f"{directory / CONFIG_FILE} is not a datd compressed-model config ({MODEL_FORMAT})")
+    config["inference"] = _checked_inference(config.get("inference") or {}, directory / CONFIG_FILE)
     return config
 
 
-def load(directory: str | os.PathLike, base_model: nn.Module) -> nn.Module:
+def load(directory: str | os.PathLike, base_model: nn.Module, *, inference: bool = False) -> nn.Module:
     """Re-apply a saved compression to ``base_model`` (the original architecture; modified in place and
-    returned) and load the saved weights (strict)."""
+    returned) and load the saved weights (strict). With ``inference``, return its inference form instead
+    (BatchNorms folded, the saved execution forms and memory format: ``datd.for_inference``)."""
     directory = Path(directory)
     config = read_config(directory)
     apply_config(base_model, config["layers"])
@@ -105,4 +123,6 @@ def load(directory: str | os.PathLike, base_model: nn.Module) -> nn.Module:
         base_model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{weights} does not fit the base model with the saved configuration: {exc}") from exc
+    if inference:
+        return for_inference(base_model, **config["inference"])
     return base_model.eval()

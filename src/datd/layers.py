@@ -64,11 +64,15 @@ class Geometry:
 
 @dataclass(frozen=True)
 class Cost:
+    """What a layer costs: parameters, multiply-accumulates per sample (both exact, from the geometry) and,
+    when measured (``datd.latency``), nanoseconds per batch on the run's device (0: not measured)."""
+
     params: int
     macs: int
+    latency: int = 0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.params + other.params, self.macs + other.macs)
+        return Cost(self.params + other.params, self.macs + other.macs, self.latency + other.latency)
 
 
 def dense_cost(g: Geometry) -> Cost:

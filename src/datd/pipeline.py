@@ -14,24 +14,38 @@ import dataclasses
 import math
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .decompose import DEFAULT_SIGMA_REG, Decomposition
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import NORMS, FitSettings, LayerProblem, damage, fit, output_errors, relative_sigma_error, svd_damage_curve
+from .inference import MEMORY_FORMATS, for_inference
+from .latency import (
+    LatencyCache, LatencyModel, best_memory_format, compare, default_cache_path, default_rank_multiple, example_batch,
+    tune_allocator,
+)
 from .layers import Cost, Geometry, dense_cost, factorize
-from .plan import METHODS, Option, Plan, Target, allocate, check_ranks, factorized_cost, metric_of, rank_ladder, ranks_for_fraction
+from .plan import (
+    METHODS, LatencyBudget, Option, Plan, Target, allocate, check_ranks, factorized_cost, metric_of, rank_ladder,
+    ranks_for_fraction,
+)
 from .sensitivity import output_sensitivity
 from .stats import Statistics, batch_inputs, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
 RANK_MODES = ("auto", "uniform")
+# A latency target counts as met within this relative margin: the spread of interleaved medians on a shared machine.
+LATENCY_TOLERANCE = 0.02
+# A factorized option must be measured at least this much faster than its dense layer to be considered at all:
+# smaller gains are within timing noise and would spend accuracy on nothing.
+LATENCY_MIN_GAIN = 0.05
 
 
 @dataclass
@@ -52,6 +66,18 @@ class CompressConfig:
     candidates: per-layer cost fractions at which iterative decompositions are fitted as planning options
         (with at most ``candidate_iter`` sweeps; the chosen ones are then refitted with ``max_iter``).
     min_params: layers with fewer weights are left alone.
+    rank_multiple: every rank a multiple of this (hardware-friendly ranks); 0 = automatic: for latency
+        targets the device's granularity (``datd.latency.default_rank_multiple``: 16 on AVX-512 CPUs, else 8),
+        for params/macs targets 1 (any rank: those budgets count exactly, not in time).
+    latency_batch: batch size at which latency is measured and budgeted (``latency=F``: F of the original
+        model's measured latency at this batch, on the run's device, with the current torch thread count).
+    memory_format: 'auto' (the faster for the original model, measured), 'contiguous' or 'channels_last'.
+    measure_latency: with params/macs targets too, measure the latency before/after for the report.
+    latency_rounds: with a latency target, at most this many plan → build → measure rounds.
+    latency_repeats: timed repetitions per measurement (median).
+    latency_cache: 'default' (``datd.latency.default_cache_path()``), 'none' (in memory) or a JSON path.
+    tune_allocator: before measuring latency, call ``datd.latency.tune_allocator()`` (glibc keeps freed
+        memory for reuse; without it eager timings depend on the process's history by ±50 %).
     """
 
     target: str = "params=0.5"
@@ -68,6 +94,14 @@ class CompressConfig:
     max_iter: int = 100
     tol: float = 1e-5
     seed: int = 0
+    rank_multiple: int = 0
+    latency_batch: int = 32
+    memory_format: str = "auto"
+    measure_latency: bool = True
+    latency_rounds: int = 4
+    latency_repeats: int = 15
+    latency_cache: str = "default"
+    tune_allocator: bool = True
 
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
@@ -81,6 +115,15 @@ class CompressConfig:
         self.candidates = tuple(sorted(float(c) for c in self.candidates))
         if not self.candidates or not all(0 < c < 1 for c in self.candidates):
             raise ValueError("candidates must be fractions in (0, 1)")
+        if Target.parse(self.target).metric == "latency" and self.ranks != "auto":
+            raise ValueError("a latency target needs ranks='auto' (the allocation spends measured layer latencies)")
+        if self.rank_multiple < 0:
+            raise ValueError(f"rank_multiple must be >= 1 (or 0: automatic), got {self.rank_multiple}")
+        if self.memory_format not in ("auto", *MEMORY_FORMATS):
+            raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+        for name in ("latency_batch", "latency_rounds", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def settings(self) -> FitSettings:
@@ -98,6 +141,15 @@ class _Layer:
     @property
     def geometry(self) -> Geometry:
         return self.problem.geometry
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The layer's input shape for one sample: (1, S, H, W), or (1, rows, S) / (1, S) for a Linear."""
+        g = self.geometry
+        if isinstance(self.module, nn.Conv2d):
+            return (1, self.module.in_channels, *g.input_hw)
+        rows = g.input_hw[0]
+        return (1, rows, g.weight_shape[1]) if rows > 1 else (1, g.weight_shape[1])
 
 
 def compress(
@@ -123,18 +175,22 @@ def compress(
     the report holds top-1 accuracy before and after. ``fit_cache``: a dict kept by the caller to reuse
     fits across calls on the same model with the same ``stats`` (e.g. to plan several budgets: the
     candidate fits do not depend on the target).
+
+    With a ``latency=F`` target, or ``measure_latency``, the report's "latency" entry holds the measured
+    seconds per batch of the original and the compressed model in their inference forms
+    (``report["inference"]``: the memory format and each layer's execution form, for ``for_inference``).
     """
     config = CompressConfig(**{**(asdict(config) if config else {}), **overrides})
     start = time.perf_counter()
     timings: dict[str, float] = {}
     device = torch.device(device) if device else next(model.parameters()).device
     original = model.to(device).eval()
-    compressed = copy.deepcopy(original)
     settings, target = config.settings, Target.parse(config.target)
-    example = batch_inputs(next(iter(calib)))[:1].to(device)
-    before = Cost(count_params(compressed), count_macs(compressed, example))
+    multiple = _rank_multiple(config, device)
+    first = batch_inputs(next(iter(calib))).to(device)
+    before = Cost(count_params(original), count_macs(original, first[:1]))
 
-    candidates = candidate_layers(compressed, filter_fn)
+    candidates = candidate_layers(original, filter_fn)
     skipped: dict[str, str] = {}
     for name, module in candidates.items():
         reason = skip_reason(module, config.min_params)
@@ -144,9 +200,9 @@ def compress(
 
     tick = time.perf_counter()
     if stats is None:
-        stats = collect_stats(compressed, calib, wanted, device=device, progress=progress)
+        stats = collect_stats(original, calib, wanted, device=device, progress=progress)
     else:
-        stats.check(compressed, required=wanted)
+        stats.check(original, required=wanted)
     timings["statistics"] = time.perf_counter() - tick
 
     if fit_cache is not None:
@@ -165,35 +221,83 @@ def compress(
     tick = time.perf_counter()
     if config.ranks == "auto" and config.sensitivity and layers:
         measured = output_sensitivity(
-            compressed, calib, {n: l.module for n, l in layers.items()},
+            original, calib, {n: l.module for n, l in layers.items()},
             max_images=config.sensitivity_images, seed=config.seed, device=device, progress=progress,
         )
         for name, layer in layers.items():
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
     timings["sensitivity"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    total = metric_of(before, target.metric)
-    fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
-    budget = int(target.fraction * total) - fixed
-    if plan_file is not None:
-        choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
-    elif config.ranks == "uniform":
-        choice = _uniform(layers, budget, target, settings, total, fixed)
-    else:
-        options = _options(layers, config, target, progress)
-        try:
-            choice = allocate(options, budget, target.metric)
-        except ValueError as exc:
-            raise ValueError(_infeasible(target, total, fixed, options)) from exc
-    timings["planning"] = time.perf_counter() - tick
+    timing = None
+    if target.metric == "latency" or config.measure_latency:
+        tick = time.perf_counter()
+        timing = _Timing.start(original, first, config, device)
+        timings["latency reference"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    if target.metric == "latency":
+        options = _options(layers, config, target, multiple, progress, latency=timing.model)  # type: ignore[union-attr]
+        timings["planning"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
+                                                               config.latency_rounds, progress)
+        timings["fitting and latency rounds"] = time.perf_counter() - tick
+    else:
+        total = metric_of(before, target.metric)
+        fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
+        budget = int(target.fraction * total) - fixed
+        if plan_file is not None:
+            choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
+        elif config.ranks == "uniform":
+            choice = _uniform(layers, budget, target, settings, total, fixed, multiple)
+        else:
+            options = _options(layers, config, target, multiple, progress)
+            try:
+                choice = allocate(options, budget, target.metric)
+            except ValueError as exc:
+                raise ValueError(_infeasible(target, total, fixed, options)) from exc
+        timings["planning"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        compressed, entries = _build(original, layers, choice, settings, progress)
+        timings["fitting"] = time.perf_counter() - tick
+        latency = None
+        if timing is not None:
+            tick = time.perf_counter()
+            latency = timing.measure(compressed, timing.forms(layers, choice))
+            timings["latency"] = time.perf_counter() - tick
+    for name, option in choice.items():
+        if option.method == "dense" and name not in skipped:
+            skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
+    if timing is not None:
+        timing.model.save()
+
+    after = Cost(count_params(compressed), count_macs(compressed, first[:1]))
+    report = _report(config, candidates, stats, skipped, entries, before, after, timings, start)
+    report["inference"] = {"memory_format": timing.memory_format if timing else "contiguous",
+                           "forms": latency.pop("forms") if latency else {}}
+    if latency is not None:
+        report["latency"] = latency
+        if latency["ratio"] >= 1 and target.metric != "latency":  # latency rounds warn on their own
+            warnings.warn(f"the compressed model is not faster than the original: {latency['ratio']:.2f}× its latency "
+                          f"at batch {latency['batch']} ({target} target); use a latency= target to plan for speed",
+                          stacklevel=2)
+    if eval_data is not None:
+        tick = time.perf_counter()
+        report["accuracy_before"] = accuracy(original, eval_data, device=device, progress=progress)
+        report["accuracy_after"] = accuracy(compressed, eval_data, device=device, progress=progress)
+        report["timings"]["evaluation"] = time.perf_counter() - tick
+    return compressed, report
+
+
+def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Option], settings: FitSettings,
+           progress: bool) -> tuple[nn.Module, dict[str, dict]]:
+    """A copy of ``original`` with every layer of ``choice`` that is not 'dense' fitted and swapped in; the
+    per-layer report entries."""
+    compressed = copy.deepcopy(original)
     entries = {}
     for name, layer in tqdm(layers.items(), desc="fit", unit="layer", disable=not progress, leave=False):
         option = choice[name]
         if option.method == "dense":
-            skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
             continue
         decomposition = _fit_cached(layer, option.method, option.ranks, settings)
         approx = decomposition.reconstruct()
@@ -211,16 +315,9 @@ def compress(
             "sweeps": len(decomposition.history) - 1,
             "bias": bias is not None,
         }
-    timings["fitting"] = time.perf_counter() - tick
-
-    after = Cost(count_params(compressed), count_macs(compressed, example))
-    report = _report(config, candidates, stats, skipped, entries, before, after, timings, start)
-    if eval_data is not None:
-        tick = time.perf_counter()
-        report["accuracy_before"] = accuracy(original, eval_data, device=device, progress=progress)
-        report["accuracy_after"] = accuracy(compressed, eval_data, device=device, progress=progress)
-        report["timings"]["evaluation"] = time.perf_counter() - tick
-    return compressed, report
+        if option.cost.latency:
+            entries[name]["latency_predicted_s"] = option.cost.latency * 1e-9
+    return compressed, entries
 
 
 def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig) -> _Layer:
@@ -238,6 +335,118 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
     return _Layer(problem, module, methods, ones)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# latency targets and measurements
+
+
+def _ns(seconds: float) -> int:
+    return max(1, round(seconds * 1e9))
+
+
+@dataclass
+class _Timing:
+    """The latency side of a run: per-layer timings (``model``), the example batch, the memory format, and
+    the original model both as given and in its inference form — the reference every ratio is taken
+    against, so that BatchNorm folding and the memory format are never counted as compression."""
+
+    model: LatencyModel
+    example: Tensor
+    memory_format: str
+    original: nn.Module
+    reference: nn.Module
+    reference_seconds: float
+    repeats: int
+    allocator: str
+
+    @classmethod
+    def start(cls, original: nn.Module, first: Tensor, config: CompressConfig, device: torch.device) -> "_Timing":
+        allocator = tune_allocator() if config.tune_allocator else "as found"
+        example = example_batch(first, config.latency_batch)
+        if config.memory_format == "auto":
+            memory_format, seconds = best_memory_format(original, example, repeats=config.latency_repeats)
+        else:
+            memory_format, seconds = config.memory_format, {}
+        cache = LatencyCache(None if config.latency_cache == "none" else
+                             default_cache_path() if config.latency_cache == "default" else config.latency_cache)
+        model = LatencyModel(device, config.latency_batch, memory_format, cache=cache, repeats=config.latency_repeats)
+        reference = for_inference(original, memory_format=memory_format)
+        if memory_format not in seconds:
+            seconds = compare({memory_format: reference}, example, repeats=config.latency_repeats)
+        return cls(model, example, memory_format, original, reference, seconds[memory_format], config.latency_repeats,
+                   allocator)
+
+    def forms(self, layers: dict[str, _Layer], choice: dict[str, Option]) -> dict[str, str]:
+        """The fastest execution form of every factorized layer of ``choice`` (measured, cached)."""
+        return {n: self.model.best_form(layers[n].module, layers[n].input_shape, o.method, o.ranks).form
+                for n, o in choice.items() if o.method != "dense"}
+
+    def measure(self, compressed: nn.Module, forms: dict[str, str]) -> dict:
+        """Interleaved seconds per batch of the original (inference form and as given) and of ``compressed``
+        in its inference form."""
+        fast = for_inference(compressed, forms=forms, memory_format=self.memory_format)
+        seconds = compare({"original": self.reference, "compressed": fast, "original_as_given": self.original},
+                          self.example, repeats=self.repeats)
+        s = self.model.setting
+        return {
+            "batch": self.example.shape[0], "device": s.device, "threads": s.threads, "torch": s.torch,
+            "memory_format": self.memory_format, "allocator": self.allocator,
+            "original_s": seconds["original"], "compressed_s": seconds["compressed"],
+            "ratio": seconds["compressed"] / seconds["original"], "speedup": seconds["original"] / seconds["compressed"],
+            "original_as_given_s": seconds["original_as_given"],
+            "speedup_vs_as_given": seconds["original_as_given"] / seconds["compressed"],
+            "forms": forms,
+        }
+
+
+def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dict[str, list[Option]], timing: _Timing,
+                    target: Target, settings: FitSettings, rounds: int,
+                    progress: bool) -> tuple[nn.Module, dict, dict[str, Option], dict]:
+    """Allocate the measured per-layer latencies to the target, build, measure the whole model, correct the
+    budget and re-plan (``rounds`` at most). Returns the model, its layer entries, its choice and its latency
+    record: the least damaging round that meets the target, else the fastest one — and never a model slower
+    than the original (all layers dense then, with a warning)."""
+    reference_ns = _ns(timing.reference_seconds)
+    fixed = reference_ns - sum(_ns(timing.model.dense(l.module, l.input_shape)) for l in layers.values())
+    goal = target.fraction * reference_ns
+    budget = LatencyBudget.of(goal, fixed, options)
+    history, results = [], []
+    for _ in range(rounds):
+        choice = allocate(options, budget.allowed, "latency")
+        if any(choice == r[2] for r in results):
+            break
+        compressed, entries = _build(original, layers, choice, settings, progress)
+        measured = timing.measure(compressed, timing.forms(layers, choice))
+        chosen_ns = sum(o.cost.latency for o in choice.values())
+        history.append({"budget_s": budget.allowed * 1e-9, "predicted_ratio": (fixed + chosen_ns) / reference_ns,
+                        "ratio": measured["ratio"], "damage": sum(o.damage for o in choice.values())})
+        results.append((compressed, entries, choice, measured))
+        realized = measured["ratio"] * reference_ns
+        if 0.95 * goal <= realized <= goal:
+            break
+        corrected = budget.corrected(chosen_ns, realized - fixed)
+        if corrected is None:
+            break
+        budget = corrected
+    feasible = [r for r, h in zip(results, history) if h["ratio"] <= target.fraction * (1 + LATENCY_TOLERANCE)]
+    if feasible:
+        best = min(feasible, key=lambda r: sum(o.damage for o in r[2].values()))
+    else:
+        best = min(results, key=lambda r: r[3]["ratio"])
+        warnings.warn(f"latency target {target} not reached: the fastest plan found measured {best[3]['ratio']:.3f} of "
+                      f"the original's latency at batch {timing.example.shape[0]} and is returned (check its accuracy); "
+                      "the layers' cheapest options cannot go lower on this device at this batch size", stacklevel=3)
+    compressed, entries, choice, measured = best
+    if measured["ratio"] >= 1:
+        warnings.warn(f"every plan for {target} ran slower than the original ({measured['ratio']:.2f}×): returning the "
+                      "original model unchanged", stacklevel=3)
+        choice = {n: next(o for o in options[n] if o.method == "dense") for n in layers}
+        compressed, entries = copy.deepcopy(original), {}
+        measured = timing.measure(compressed, {})
+    measured["rounds"] = history
+    measured["target_reached"] = measured["ratio"] <= target.fraction * (1 + LATENCY_TOLERANCE)
+    return compressed, entries, choice, measured
+
+
 def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
     key = (method, tuple(ranks), settings)
     if key not in layer.fits:
@@ -245,30 +454,54 @@ def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: Fi
     return layer.fits[key]
 
 
-def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, progress: bool) -> dict[str, list[Option]]:
+def _rank_multiple(config: CompressConfig, device: torch.device) -> int:
+    if config.rank_multiple:
+        return config.rank_multiple
+    return default_rank_multiple(device) if Target.parse(config.target).metric == "latency" else 1
+
+
+def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, multiple: int, progress: bool,
+             latency: LatencyModel | None = None) -> dict[str, list[Option]]:
     """Planning options per layer: dense, every Σ-SVD rank (closed-form damages) and every rank of the
     iterative decompositions between the smallest and the largest anchor fraction. Those are fitted at the
     anchors only (``config.candidates``, ``config.candidate_iter`` sweeps); between anchors the damage is
-    interpolated linearly in log-damage versus cost, since damage falls smoothly as the rank grows."""
+    interpolated linearly in log-damage versus cost, since damage falls smoothly as the rank grows (cost in
+    the target's metric; in MACs for latency targets, whose measured costs are neither smooth nor exact).
+
+    With ``latency`` (latency targets) each option's cost carries its measured latency, and only ranks that
+    run at least ``LATENCY_MIN_GAIN`` faster than the dense layer at its own shape are considered (and
+    fitted): the largest of them becomes an anchor too, so that the options reach it."""
     settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
+    metric = "macs" if target.metric == "latency" else target.metric
     options: dict[str, list[Option]] = {}
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
         g = layer.geometry
+        seconds: dict[tuple[str, tuple[int, ...]], float] = {}  # (method, ranks) -> measured seconds
+        if latency is not None:
+            seconds["dense", ()] = latency.dense(layer.module, layer.input_shape)
         opts = [Option("dense", (), dense_cost(g), 0.0)]
         for method in layer.methods:
-            ladder = rank_ladder(method, g)
+            ladder = rank_ladder(method, g, multiple)
+            anchors = {r for f in config.candidates if (r := ranks_for_fraction(method, g, f, metric, multiple))}
+            if latency is not None:
+                measured = latency.candidates(layer.module, layer.input_shape, method, ladder)
+                fast_enough = (1 - LATENCY_MIN_GAIN) * seconds["dense", ()]
+                ladder = [r for r in ladder if r in measured and measured[r].seconds < fast_enough]
+                seconds.update({(method, r): measured[r].seconds for r in ladder})
+                anchors = (anchors & set(ladder)) | set(ladder[-1:])
             if method == "svd":
                 curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
                 opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in ladder]
                 continue
-            anchors = sorted({r for f in config.candidates if (r := ranks_for_fraction(method, g, f, target.metric))},
-                             key=lambda r: metric_of(factorized_cost(method, g, r), target.metric))
             points = []
-            for ranks in anchors:
+            for ranks in sorted(anchors, key=lambda r: metric_of(factorized_cost(method, g, r), metric)):
                 approx = _fit_cached(layer, method, ranks, settings).reconstruct()
                 d = damage(layer.problem, approx, layer.sensitivity, settings.bias_correction)
-                points.append((metric_of(factorized_cost(method, g, ranks), target.metric), d))
-            opts += _interpolated(method, g, ladder, points, target.metric)
+                points.append((metric_of(factorized_cost(method, g, ranks), metric), d))
+            opts += _interpolated(method, g, ladder, points, metric)
+        if latency is not None:
+            opts = [dataclasses.replace(o, cost=dataclasses.replace(o.cost, latency=_ns(seconds[o.method, o.ranks])))
+                    for o in opts]
         options[name] = opts
     return options
 
@@ -293,7 +526,7 @@ def _interpolated(method: str, g: Geometry, ladder: list[tuple[int, ...]], point
 
 
 def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings,
-             total: int, fixed: int) -> dict[str, Option]:
+             total: int, fixed: int, multiple: int) -> dict[str, Option]:
     """The same cost ratio ρ in every layer: the largest ρ (bisection) whose per-layer ranks — the largest
     with cost ≤ ρ · dense cost — fit the budget. With method 'auto', each layer takes the decomposition with
     the least damage at its ratio."""
@@ -303,8 +536,8 @@ def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: F
         out = {}
         for name, layer in layers.items():
             for method in layer.methods:
-                ranks = ranks_for_fraction(method, layer.geometry, ratio, metric)
-                ladder = rank_ladder(method, layer.geometry)
+                ranks = ranks_for_fraction(method, layer.geometry, ratio, metric, multiple)
+                ladder = rank_ladder(method, layer.geometry, multiple)
                 if ranks is None and not ladder:
                     continue
                 out[name, method] = ranks if ranks is not None else ladder[0]

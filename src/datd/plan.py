@@ -8,6 +8,7 @@ no data. The pipeline supplies the options (from Σ-SVD spectra and measured fit
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import math
 import re
@@ -19,11 +20,13 @@ from .layers import FACTORIZED, Cost, Geometry, dense_cost
 
 PLAN_FORMAT = "datd-plan/1"
 METHODS = ("tucker2", "cp", "svd")
+METRICS = ("params", "macs", "latency")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A whole-model budget: ``metric`` ('params' or 'macs') at ``fraction`` of the original model."""
+    """A whole-model budget: ``metric`` at ``fraction`` of the original model. Metrics: 'params', 'macs' (exact
+    counts) and 'latency' (measured wall-clock time of the inference form, on the run's device)."""
 
     metric: str
     fraction: float
@@ -32,9 +35,9 @@ class Target:
     def parse(cls, spec: "str | Target") -> "Target":
         if isinstance(spec, Target):
             return spec
-        match = re.fullmatch(r"\s*(params|macs)\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*", str(spec))
+        match = re.fullmatch(rf"\s*({'|'.join(METRICS)})\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*", str(spec))
         if not match:
-            raise ValueError(f"target must look like 'params=0.5' or 'macs=0.4', got {spec!r}")
+            raise ValueError(f"target must look like 'params=0.5', 'macs=0.4' or 'latency=0.5', got {spec!r}")
         fraction = float(match.group(2))
         if not 0 < fraction < 1:
             raise ValueError(f"the target fraction must be in (0, 1), got {fraction}")
@@ -48,8 +51,10 @@ class Target:
 
 
 def metric_of(cost: Cost, metric: str) -> int:
-    """``cost.params`` or ``cost.macs``."""
-    return cost.params if metric == "params" else cost.macs
+    """``cost.params``, ``cost.macs`` or ``cost.latency`` (nanoseconds)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+    return getattr(cost, metric)
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,21 @@ def max_ranks(method: str, geometry: Geometry) -> tuple[int, ...]:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def rank_ladder(method: str, geometry: Geometry) -> list[tuple[int, ...]]:
+def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tuple[int, ...]]:
     """Every rank setting of ``method`` that makes the layer strictly smaller in parameters and not larger in
     MACs than the dense layer, by increasing cost. Tucker-2 ranks move together: (⌈i·T/m⌉, ⌈i·S/m⌉),
-    m = max(T, S), keeping R_T/T ≈ R_S/S."""
+    m = max(T, S), keeping R_T/T ≈ R_S/S. With ``multiple`` M > 1 every rank is a multiple of M (Tucker-2
+    ranks are rounded up to one, capped at the channel count): hardware-friendly ranks."""
+    if multiple < 1:
+        raise ValueError(f"the rank multiple must be >= 1, got {multiple}")
     dense = dense_cost(geometry)
     n_out, n_in = geometry.weight_shape[:2]
     if method == "tucker2":
         m = max(n_out, n_in)
-        candidates = sorted({(math.ceil(i * n_out / m), math.ceil(i * n_in / m)) for i in range(1, m + 1)})
+        candidates = sorted({(_round_up(math.ceil(i * n_out / m), multiple, n_out),
+                              _round_up(math.ceil(i * n_in / m), multiple, n_in)) for i in range(1, m + 1)})
     else:
-        candidates = [(r,) for r in range(1, max_ranks(method, geometry)[0] + 1)]
+        candidates = [(r,) for r in range(multiple, max_ranks(method, geometry)[0] + 1, multiple)]
     ladder = []
     for ranks in candidates:
         cost = factorized_cost(method, geometry, ranks)
@@ -100,6 +109,10 @@ def rank_ladder(method: str, geometry: Geometry) -> list[tuple[int, ...]]:
         if cost.macs <= dense.macs:
             ladder.append(ranks)
     return ladder
+
+
+def _round_up(rank: int, multiple: int, limit: int) -> int:
+    return min(math.ceil(rank / multiple) * multiple, limit)
 
 
 def check_ranks(method: str, geometry: Geometry, ranks: tuple[int, ...], layer: str) -> tuple[int, ...]:
@@ -113,11 +126,12 @@ def check_ranks(method: str, geometry: Geometry, ranks: tuple[int, ...], layer: 
     return ranks
 
 
-def ranks_for_fraction(method: str, geometry: Geometry, fraction: float, metric: str) -> tuple[int, ...] | None:
-    """The largest ranks on the ladder whose cost is at most ``fraction`` of the dense layer's (None if
-    even the smallest does not fit)."""
+def ranks_for_fraction(method: str, geometry: Geometry, fraction: float, metric: str,
+                       multiple: int = 1) -> tuple[int, ...] | None:
+    """The largest ranks on the ladder whose cost (params or MACs) is at most ``fraction`` of the dense
+    layer's (None if even the smallest does not fit)."""
     budget = fraction * metric_of(dense_cost(geometry), metric)
-    ladder = rank_ladder(method, geometry)
+    ladder = rank_ladder(method, geometry, multiple)
     costs = [metric_of(factorized_cost(method, geometry, r), metric) for r in ladder]
     i = bisect.bisect_right(costs, budget)
     return ladder[i - 1] if i else None
@@ -194,6 +208,38 @@ def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]],
         name, o, extra = best
         chosen[name] = o
         left -= extra
+
+
+@dataclass(frozen=True)
+class LatencyBudget:
+    """What the compressible layers may spend (ns per batch) for a whole-model latency ``goal`` (ns), given
+    the ``fixed`` time of everything else (the whole model's measured time minus its compressible layers'
+    dense timings) and the ``cheapest`` sum of per-layer options.
+
+    Per-layer timings do not add up exactly to a whole model's time (caches, memory traffic between
+    layers), so after a plan is built and measured its layers' real share R = whole − fixed is compared to
+    their predicted sum P, and the next plan is allocated at (goal − fixed)·P/R (``corrected``)."""
+
+    goal: float
+    fixed: int
+    cheapest: int
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, goal: float, fixed: int, options: dict[str, list[Option]]) -> "LatencyBudget":
+        return cls(goal, fixed, sum(min(o.cost.latency for o in opts) for opts in options.values()))
+
+    @property
+    def allowed(self) -> int:
+        """The budget for the allocation (never below the cheapest plan: the fastest possible is then chosen)."""
+        return max(self.cheapest, int((self.goal - self.fixed) / self.scale))
+
+    def corrected(self, predicted: int, realized: float) -> "LatencyBudget | None":
+        """The budget after a plan predicted at ``predicted`` ns ran its layers in ``realized`` ns (None when
+        the measurement cannot inform a correction)."""
+        if predicted <= 0 or realized <= 0:
+            return None
+        return dataclasses.replace(self, scale=realized / predicted)
 
 
 @dataclass

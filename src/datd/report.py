@@ -29,21 +29,40 @@ def markdown(report: dict) -> str:
         f"- top-1 accuracy: {_pct(report.get('accuracy_before'))} → {_pct(report.get('accuracy_after'))}",
         f"- parameters: {report['params_before']:,} → {report['params_after']:,} ({report['params_ratio']:.3f})",
         f"- MACs per image: {report['macs_before']:,} → {report['macs_after']:,} ({report['macs_ratio']:.3f})",
+        *_latency_lines(report),
         f"- time: {report['seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings"].items()) + ")",
         "",
-        "| layer | shape | method | ranks | params | MACs | Σ-error | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layer | shape | method | ranks | form | params | MACs | Σ-error | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    forms = report.get("inference", {}).get("forms", {})
     for layer in report["layers"]:
         shape = "×".join(map(str, layer["shape"]))
         params = f"{layer.get('params_before', 0):,} → {layer.get('params_after', 0):,}"
         macs = f"{layer.get('macs_before', 0):,} → {layer.get('macs_after', 0):,}"
         if "skipped" in layer:
-            lines.append(f"| {layer['name']} | {shape} | — | — | {params} | {macs} | — | {layer['skipped']} |")
+            lines.append(f"| {layer['name']} | {shape} | — | — | — | {params} | {macs} | — | {layer['skipped']} |")
         else:
-            lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | {params} | {macs} | "
-                         f"{layer['sigma_error']:.4f} | |")
+            lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | "
+                         f"{forms.get(layer['name'], 'chain')} | {params} | {macs} | {layer['sigma_error']:.4f} | |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_lines(report: dict) -> list[str]:
+    lat = report.get("latency")
+    if not lat:
+        return ["- latency: not measured"]
+    lines = [
+        f"- latency per batch of {lat['batch']} ({lat['device']}, {lat['threads']} threads, {lat['memory_format']}, "
+        f"torch {lat['torch']}; BatchNorms folded in both): {1e3 * lat['original_s']:.2f} ms → "
+        f"{1e3 * lat['compressed_s']:.2f} ms ({lat['ratio']:.3f}, {lat['speedup']:.2f}× faster; "
+        f"{lat['speedup_vs_as_given']:.2f}× faster than the original as given, {1e3 * lat['original_as_given_s']:.2f} ms)",
+        f"- allocator: {lat['allocator']}",
+    ]
+    for i, r in enumerate(lat.get("rounds", []), 1):
+        lines.append(f"  - latency round {i}: budget {1e3 * r['budget_s']:.2f} ms, predicted {r['predicted_ratio']:.3f}, "
+                     f"measured {r['ratio']:.3f}")
+    return lines
 
 
 def _save_figure(fig: plt.Figure, path: Path) -> None:
