@@ -1,6 +1,9 @@
 """Test-wide settings: latency measurements go to a per-session cache, never to the user's."""
 
 import pytest
+import torch
+
+import datd
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -9,3 +12,17 @@ def _private_latency_cache(tmp_path_factory):
     patch.setenv("DATD_CACHE_DIR", str(tmp_path_factory.mktemp("datd-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(scope="session")
+def compressed_resnet20():
+    """The shipped CIFAR ResNet-20 quickly compressed to params=0.4 (random calibration images, short fits):
+    a real architecture with Tucker-2, CP and low-rank layers for the inference-form and export tests."""
+    from datd.models import load_model
+
+    model = load_model("cifar_resnet20").model
+    torch.manual_seed(0)
+    images = torch.randn(48, 3, 32, 32)
+    compressed, _ = datd.compress(model, [images[:24], images[24:]], target="params=0.4", candidates=(0.3, 0.6),
+                                  candidate_iter=2, max_iter=2, sensitivity=False, measure_latency=False, progress=False)
+    return compressed

@@ -15,21 +15,15 @@ def relative_difference(a, b):
 
 
 @pytest.fixture(scope="module")
-def compressed_resnet20():
-    model = load_model("cifar_resnet20").model
-    torch.manual_seed(0)
-    images = torch.randn(48, 3, 32, 32)
-    compressed, report = datd.compress(model, [images[:24], images[24:]], target="params=0.4", candidates=(0.3, 0.6),
-                                       candidate_iter=2, max_iter=2, sensitivity=False, measure_latency=False,
-                                       progress=False)
+def compressed_and_forms(compressed_resnet20):
     forms = {n: "depthwise" if m.kind == "cp" else "merge_in" if m.kind == "tucker2" else "chain"
-             for n, m in compressed.named_modules() if hasattr(m, "kind")}
-    return compressed, forms
+             for n, m in compressed_resnet20.named_modules() if hasattr(m, "kind")}
+    return compressed_resnet20, forms
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
-def test_compressed_cifar_resnet_exports_exactly(compressed_resnet20, format, tmp_path):
-    model, forms = compressed_resnet20
+def test_compressed_cifar_resnet_exports_exactly(compressed_and_forms, format, tmp_path):
+    model, forms = compressed_and_forms
     path = export(model, torch.randn(2, 3, 32, 32), tmp_path / f"m.{format}", format, forms=forms,
                   memory_format="channels_last")
     x = torch.randn(5, 3, 32, 32)  # another batch size than the export example
@@ -51,8 +45,8 @@ def test_torchvision_resnet18_exports_exactly(format, tmp_path):
         assert relative_difference(run(x), model(x)) < 1e-4
 
 
-def test_a_failed_check_writes_nothing(compressed_resnet20, tmp_path):
-    model, _ = compressed_resnet20
+def test_a_failed_check_writes_nothing(compressed_and_forms, tmp_path):
+    model, _ = compressed_and_forms
     target = tmp_path / "m.onnx"
     target.write_text("previous result")
     with pytest.raises(ValueError, match="differs from torch"):
@@ -63,8 +57,8 @@ def test_a_failed_check_writes_nothing(compressed_resnet20, tmp_path):
         export(model, torch.randn(2, 3, 32, 32), target, "tflite")
 
 
-def test_saved_model_reloads_in_its_inference_form(compressed_resnet20, tmp_path):
-    model, forms = compressed_resnet20
+def test_saved_model_reloads_in_its_inference_form(compressed_and_forms, tmp_path):
+    model, forms = compressed_and_forms
     datd.save(model, tmp_path / "m", source={"model": "cifar_resnet20"},
               inference={"memory_format": "channels_last", "forms": forms})
     fast = datd.load(tmp_path / "m", load_model("cifar_resnet20").model, inference=True)

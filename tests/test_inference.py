@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import datd
 from datd.decompose import cp, svd, tucker2
 from datd.inference import as_form, fold_batchnorms, for_inference, form_names
 from datd.layers import CPConv2d, Tucker2Conv2d, factorize
@@ -114,15 +113,8 @@ def test_untraceable_models_keep_their_batchnorms_with_a_warning():
 
 
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
-def test_compressed_cifar_resnet_in_inference_form_is_unchanged(memory_format):
-    from datd.models import load_model
-
-    model = load_model("cifar_resnet20").model
-    torch.manual_seed(0)
-    images = torch.randn(48, 3, 32, 32)
-    compressed, report = datd.compress(model, [images[:24], images[24:]], target="params=0.5", candidates=(0.3, 0.6),
-                                       candidate_iter=2, max_iter=2, sensitivity=False, measure_latency=False,
-                                       progress=False)
+def test_compressed_cifar_resnet_in_inference_form_is_unchanged(compressed_resnet20, memory_format):
+    compressed = compressed_resnet20
     layers = {n: m for n, m in compressed.named_modules() if isinstance(m, (Tucker2Conv2d, CPConv2d))}
     forms = {n: form_names(m)[-1] for n, m in layers.items()}
     fast = for_inference(compressed, forms=forms, memory_format=memory_format)
