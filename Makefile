@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[test,bench,export]'
+	$(VENV)/bin/pip install --quiet -e '.[test,bench,export,timm]'
 	touch $@
 
 demo: $(VENV)/.installed

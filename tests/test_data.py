@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from datd.data import ImageDataset, calibration_loader, data_root, eval_label_check, eval_loader, load_images
-from datd.models import Preprocessing
+from datd.data import Preprocessing
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR = Preprocessing(MEAN, STD, size=32)

@@ -8,18 +8,11 @@ from datd.decompose import cp, svd, tucker2
 from datd.inference import as_form, fold_batchnorms, for_inference, form_names
 from datd.layers import CPConv2d, Tucker2Conv2d, factorize
 
-from test_layers import CONVS
+from test_layers import CONVS, FITS, fit_conv
 
 
 def relative_difference(a, b):
     return float((a - b).norm() / b.norm())
-
-
-FITS = {
-    "svd": lambda w: svd(w, None, 5),
-    "tucker2": lambda w: tucker2(w, None, (4, 6), max_iter=2),
-    "cp": lambda w: cp(w, None, 7, max_iter=2),
-}
 
 
 @pytest.mark.parametrize("fit", FITS)
@@ -27,7 +20,7 @@ FITS = {
 def test_every_execution_form_computes_the_same_function(fit, geometry):
     torch.manual_seed(0)
     conv = nn.Conv2d(**CONVS[geometry])
-    module = factorize(conv, FITS[fit](conv.weight.detach()))
+    module = factorize(conv, fit_conv(fit, conv))
     x = torch.randn(2, 12, 11, 13)
     expected = module(x)
     forms = form_names(module)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from datd.decompose import cp, svd, tucker2
+from datd.decompose import Grouped, cp, svd, tucker2
 from datd.evaluate import count_macs, count_params
 from datd.layers import Geometry, build, dense_cost, factorize
 
@@ -17,12 +17,22 @@ CONVS = {
     "valid": dict(in_channels=12, out_channels=10, kernel_size=3, padding="valid"),
     "reflect": dict(in_channels=12, out_channels=10, kernel_size=3, padding=1, padding_mode="reflect"),
     "circular-stride": dict(in_channels=12, out_channels=10, kernel_size=3, padding=1, stride=2, padding_mode="circular"),
+    "grouped": dict(in_channels=12, out_channels=10, kernel_size=3, padding=1, groups=2),
+    "grouped-strided-1x3": dict(in_channels=12, out_channels=16, kernel_size=(1, 3), stride=2, padding=(0, 1), groups=2),
 }
 FITS = {
     "svd": lambda w: svd(w, None, 5),
     "tucker2": lambda w: tucker2(w, None, (4, 6), max_iter=3),
     "cp": lambda w: cp(w, None, 7, max_iter=3),
 }
+
+
+def fit_conv(fit: str, conv: nn.Conv2d):
+    """The decomposition ``fit`` of ``conv``'s weight, one per group for a grouped conv."""
+    w = conv.weight.detach()
+    if conv.groups == 1:
+        return FITS[fit](w)
+    return Grouped([FITS[fit](part) for part in w.chunk(conv.groups)])
 
 
 def relative_difference(a, b):
@@ -34,7 +44,7 @@ def relative_difference(a, b):
 def test_factorized_conv_equals_conv_with_reconstructed_weight(fit, geometry):
     torch.manual_seed(0)
     conv = nn.Conv2d(**CONVS[geometry])
-    decomposition = FITS[fit](conv.weight.detach())
+    decomposition = fit_conv(fit, conv)
     module = factorize(conv, decomposition)
     x = torch.randn(2, 12, 11, 13)
     reference = nn.Conv2d(**CONVS[geometry])
@@ -53,7 +63,7 @@ def test_cost_formulas_match_the_built_modules(fit, geometry):
     x = torch.randn(1, 12, 11, 13)
     out = conv(x)
     g = Geometry.of(conv, (11, 13), tuple(out.shape[2:]))
-    ranks = FITS[fit](conv.weight.detach()).ranks
+    ranks = fit_conv(fit, conv).ranks
     module = build(conv, fit, ranks)
     cost = type(module).cost(g, ranks)
     assert cost.params == count_params(module)
@@ -81,8 +91,9 @@ def test_explicit_bias_and_refusals():
     shift = torch.arange(8.0)
     module = factorize(conv, decomposition, bias=shift)
     assert torch.equal(module.last.bias, shift)
-    with pytest.raises(ValueError, match="grouped"):
-        build(nn.Conv2d(8, 8, 3, groups=2), "svd", (2,))
+    with pytest.raises(ValueError, match="depthwise"):
+        build(nn.Conv2d(8, 8, 3, groups=8), "svd", (2,))
+    assert build(nn.Conv2d(8, 8, 3, groups=2), "svd", (2,)).ranks == (2,)  # grouped: ranks per group
     with pytest.raises(ValueError, match="Linear layers"):
         build(nn.Linear(4, 4), "cp", (2,))
     with pytest.raises(ValueError, match="unknown method"):

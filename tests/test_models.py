@@ -212,3 +212,32 @@ def test_callable_models(tmp_path, monkeypatch) -> None:
         load_model("datd_test_factory:missing")
     with pytest.raises(ValueError, match="cannot import module 'datd_no_such_module'"):
         load_model("datd_no_such_module:make")
+
+
+def test_timm_models_by_name(monkeypatch, tmp_path) -> None:
+    import timm  # the optional extra datd[timm]; `make test` installs it
+
+
+    with pytest.warns(UserWarning, match="accuracy will be meaningless"):
+        loaded = load_model("timm:resnet18", "none")
+    p = loaded.preprocessing
+    # timm's pretrained config for resnet18 (a1_in1k): ImageNet mean/std, 224 crop at crop_pct 0.95, bicubic
+    assert (p.mean, p.std, p.size, p.resize, p.interpolation) == (
+        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, 235, "bicubic")
+    assert loaded.num_classes == 1000 and not loaded.model.training
+    again = load_model("timm:resnet18", "none").model
+    for a, b in zip(loaded.model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # random init is seeded
+    torch.save(loaded.model.state_dict(), tmp_path / "w.pth")
+    assert load_model("timm:resnet18", str(tmp_path / "w.pth")).weights == str(tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="does not fit model timm:resnet34"):
+        load_model("timm:resnet34", str(tmp_path / "w.pth"))
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_nonexistent'"):
+        load_model("timm:resnet_nonexistent")
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", offline)
+    with pytest.raises(RuntimeError, match=r"could not download timm's pretrained weights for resnet18 \(offline\?\)"):
+        load_model("timm:resnet18", "DEFAULT")

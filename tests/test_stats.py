@@ -11,8 +11,9 @@ from datd.stats import Statistics, collect_stats
 D64 = torch.float64
 
 
-def brute_force_sigma(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Σ and mean per group by explicit loops over images, output positions and kernel taps."""
+def brute_force_sigma(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """Σ, mean, count and the pooled moment Σ̄ (of each image's mean patch) per group, by explicit loops over
+    images, output positions and kernel taps."""
     pad = stats_module.conv_pad(conv)
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
     x = F.pad(images.double(), pad, mode=mode)
@@ -22,7 +23,9 @@ def brute_force_sigma(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tens
     out_w = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     dim = per_group * kh * kw
     sigma, mean, count = torch.zeros(g, dim, dim, dtype=D64), torch.zeros(g, dim, dtype=D64), 0
+    pooled = torch.zeros(g, dim, dim, dtype=D64)
     for n in range(x.shape[0]):
+        image_sum = torch.zeros(g, dim, dtype=D64)
         for oy in range(out_h):
             for ox in range(out_w):
                 count += 1
@@ -33,7 +36,10 @@ def brute_force_sigma(conv: nn.Conv2d, images: torch.Tensor) -> tuple[torch.Tens
                     ])
                     sigma[grp] += torch.outer(patch, patch)
                     mean[grp] += patch
-    return sigma / count, mean / count, count
+                    image_sum[grp] += patch
+        image_mean = image_sum / (out_h * out_w)
+        pooled += image_mean[:, :, None] * image_mean[:, None, :]
+    return sigma / count, mean / count, count, pooled / x.shape[0]
 
 
 CONVS = {
@@ -52,13 +58,14 @@ def test_conv_sigma_equals_brute_force_im2col(name):
     images = torch.randn(5, conv.in_channels, 9, 8)
     batches = [images[:2], (images[2:], torch.zeros(3))]  # plain tensors and (input, label) pairs
     stats = collect_stats(nn.Sequential(conv), batches, progress=False)["0"]
-    sigma, mean, count = brute_force_sigma(conv, images)
+    sigma, mean, count, pooled = brute_force_sigma(conv, images)
     if conv.groups == 1:
-        sigma, mean = sigma[0], mean[0]
+        sigma, mean, pooled = sigma[0], mean[0], pooled[0]
     assert stats.count == count
     assert stats.sigma.dtype == D64 and stats.sigma.shape == sigma.shape
     assert torch.allclose(stats.sigma, sigma, rtol=1e-5, atol=1e-6)
     assert torch.allclose(stats.mean, mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats.sigma_pooled, pooled, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         out = conv(images)
     assert stats.output_hw == tuple(out.shape[2:]) and stats.input_hw == (9, 8)
@@ -73,6 +80,8 @@ def test_linear_on_3d_input_uses_every_row():
     assert stats.count == 28 and stats.output_hw == (7, 1)
     assert torch.allclose(stats.sigma, rows.T @ rows / 28, atol=1e-6)
     assert torch.allclose(stats.mean, rows.mean(0), atol=1e-6)
+    per_sample = x.double().mean(dim=1)
+    assert torch.allclose(stats.sigma_pooled, per_sample.T @ per_sample / 4, atol=1e-6)
 
 
 def test_chunking_and_batching_do_not_change_sigma(monkeypatch):
@@ -86,6 +95,7 @@ def test_chunking_and_batching_do_not_change_sigma(monkeypatch):
     for name in whole:
         assert whole[name].count == pieces[name].count
         assert torch.allclose(whole[name].sigma, pieces[name].sigma, rtol=1e-6, atol=1e-8)
+        assert torch.allclose(whole[name].sigma_pooled, pieces[name].sigma_pooled, rtol=1e-6, atol=1e-8)
 
 
 def test_layer_selection_by_name_and_filter():
@@ -110,6 +120,7 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     assert loaded.num_images == 3 and loaded.description == "random test images"
     for name in stats:
         assert torch.equal(loaded[name].sigma, stats[name].sigma)
+        assert torch.equal(loaded[name].sigma_pooled, stats[name].sigma_pooled)
         assert loaded[name].meta() == stats[name].meta()
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(ValueError, match="layer '2'"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import click
 import torch
 
 from . import io
-from .data import calibration_loader, eval_loader
+from .data import INTERPOLATIONS, Preprocessing, calibration_loader, eval_loader
 from .evaluate import accuracy, count_macs, count_params
 from .export import FORMATS, export
 from .models import load_model
@@ -37,9 +38,52 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _model_options(f):
-    f = click.option("--weights", default=None, help=WEIGHTS_HELP)(f)
-    return click.option("--model", "model_name", required=True, help=MODEL_HELP)(f)
+def _triple(ctx, param, value: str | None) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
+    return numbers  # type: ignore[return-value]
+
+
+def _model_options(f=None, *, required: bool = True):
+    """--model/--weights and the preprocessing overrides (--mean, --std, --size, --resize, --interpolation)."""
+    def decorate(f):
+        for option in reversed([
+            click.option("--model", "model_name", required=required, default=None, help=MODEL_HELP),
+            click.option("--weights", default=None, help=WEIGHTS_HELP),
+            click.option("--mean", callback=_triple, default=None, help="per-channel input mean R,G,B on [0, 1] pixels "
+                         "[default: the model family's]"),
+            click.option("--std", callback=_triple, default=None, help="per-channel input std R,G,B [default: the "
+                         "model family's]"),
+            click.option("--size", type=int, default=None, help="square input side the model is fed [default: the "
+                         "model family's; CIFAR 32, torchvision 224, callables: the data's own size]"),
+            click.option("--resize", type=int, default=None, help="resize the shorter side to this before the center "
+                         "crop of --size [default: the model family's]"),
+            click.option("--interpolation", type=click.Choice(list(INTERPOLATIONS)), default=None,
+                         help="resampling of resize [default: the model family's, bilinear]"),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate(f) if f is not None else decorate
+
+
+def _load(model_name: str, weights: str | None, **preprocessing):
+    """The model with its family's preprocessing, overridden where the user said so."""
+    return _override(load_model(model_name, weights), **preprocessing)
+
+
+def _override(loaded, **preprocessing):
+    """``loaded`` with the preprocessing options the user gave (None: keep) replacing its own."""
+    overrides = {k: v for k, v in preprocessing.items() if v is not None}
+    if overrides:
+        loaded.preprocessing = dataclasses.replace(loaded.preprocessing, **overrides)
+    return loaded
 
 
 def _fail(exc: Exception) -> None:
@@ -89,23 +133,22 @@ def main() -> None:
               help="with params/macs targets, measure the latency before/after too")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency) -> None:
+                     memory_format, latency_cache, measure_latency, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     try:
         config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                                 seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                                 memory_format=memory_format, latency_cache=latency_cache,
                                 measure_latency=measure_latency)
-        _compress(model_name, weights, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device,
-                  batch_size)
+        loaded = _load(model_name, weights, **preprocessing)
+        _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         _fail(exc)
 
 
-def _compress(model_name, weights, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device,
-              batch_size) -> None:
+def _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size) -> None:
     device = _device(device)
-    loaded = load_model(model_name, weights)
+    model_name = loaded.name
     calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=config.seed)
     stats = Statistics.load(stats_path, loaded.model) if stats_path else None
     evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None)
@@ -113,9 +156,9 @@ def _compress(model_name, weights, data, calib, config, stats_path, eval_data, e
     click.echo(f"compressing {model_name} to {config.target} with {config.method}/{config.norm}/{config.ranks} on {device} "
                f"({calib} calibration images from {data})", err=True)
     compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device)
-    report["source"] = {"model": model_name, "weights": loaded.weights, "data": data, "calib": calib,
-                        "eval_data": eval_data or data, "eval_limit": eval_limit}
-    io.save(compressed, out, source={"model": model_name, "weights": loaded.weights}, inference=report["inference"])
+    source = {"model": model_name, "weights": loaded.weights, "preprocessing": dataclasses.asdict(loaded.preprocessing)}
+    report["source"] = {**source, "data": data, "calib": calib, "eval_data": eval_data or data, "eval_limit": eval_limit}
+    io.save(compressed, out, source=source, inference=report["inference"])
     paths = write_report(report, out)
     _summary(report, out, paths["markdown"])
 
@@ -159,10 +202,10 @@ def _summary(report: dict, out: Path, markdown: Path) -> None:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset")
 @click.option("--batch-size", default=128, show_default=True)
-def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size) -> None:
+def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, **preprocessing) -> None:
     """Collect the input statistics Σ of every Conv2d/Linear and save them for reuse (--stats)."""
     try:
-        loaded = load_model(model_name, weights)
+        loaded = _load(model_name, weights, **preprocessing)
         loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
         model = loaded.model.to(_device(device))
         stats = collect_stats(model, loader, description=loader.dataset.image_set.description)
@@ -173,23 +216,22 @@ def stats_command(model_name, weights, data, calib, out_path, device, seed, batc
 
 
 @main.command("eval")
-@click.option("--model", "model_name", default=None, help=MODEL_HELP)
-@click.option("--weights", default=None, help=WEIGHTS_HELP)
+@_model_options(required=False)
 @click.option("--compressed", type=click.Path(file_okay=False), default=None,
               help="a directory written by `datd compress` (its base model is rebuilt from its config)")
 @click.option("--data", required=True, help=DATA_HELP)
 @click.option("--limit", type=int, default=None, help="evaluate on the first N images only")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
-def eval_command(model_name, weights, compressed, data, limit, device) -> None:
+def eval_command(model_name, weights, compressed, data, limit, device, **preprocessing) -> None:
     """Top-1 accuracy, parameters and MACs of a model or of a compressed model directory."""
     if (model_name is None) == (compressed is None):
         _fail(ValueError("give exactly one of --model or --compressed"))
     try:
         if compressed:
-            loaded = _compressed_base(compressed, io.read_config(compressed)["source"])
+            loaded = _override(_compressed_base(compressed, io.read_config(compressed)["source"]), **preprocessing)
             io.load(compressed, loaded.model)
         else:
-            loaded = load_model(model_name, weights)
+            loaded = _load(model_name, weights, **preprocessing)
         device = _device(device)
         loader = eval_loader(data, loaded.preprocessing, limit=limit, num_classes=loaded.num_classes)
         model = loaded.model.to(device)
@@ -227,10 +269,18 @@ def export_command(directory, format_, out_path, input_size) -> None:
 
 
 def _compressed_base(directory, source: dict):
-    """The base model a compressed directory was made from (rebuilt from its config's source)."""
+    """The base model a compressed directory was made from (rebuilt from its config's source, with the
+    preprocessing it was compressed with)."""
     if "model" not in source:
         raise ValueError(f"{directory}/config.json does not say which model it was made from")
-    return load_model(source["model"], source.get("weights"))
+    loaded = load_model(source["model"], source.get("weights"))
+    if isinstance(source.get("preprocessing"), dict):
+        try:
+            loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in source["preprocessing"].items()})
+        except TypeError as exc:
+            raise ValueError(f"{directory}/config.json: unreadable preprocessing: {exc}") from exc
+    return loaded
 
 
 @main.command("demo")
@@ -238,7 +288,7 @@ def _compressed_base(directory, source: dict):
 def demo_command(out_dir) -> None:
     """The shipped CIFAR-10 ResNet-20 made faster (latency=0.7 of its measured time), on the shipped data."""
     try:
-        _compress("cifar_resnet20", None, "cifar10", 2048, CompressConfig(target=DEMO_TARGET), None, None, None,
+        _compress(load_model("cifar_resnet20"), "cifar10", 2048, CompressConfig(target=DEMO_TARGET), None, None, None,
                   out_dir, None, 128)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         _fail(exc)

@@ -7,7 +7,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,9 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-
-if TYPE_CHECKING:
-    from .models import Preprocessing
+from torchvision.transforms import InterpolationMode
 
 SPLITS = ("calib", "eval")
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -25,6 +22,34 @@ _WNID = re.compile(r"n\d{8}")
 _LABEL_SPACE_CLASSES = {"cifar10": 10, "tinyimagenet200": 200, "imagenet1k": 1000}
 _EAGER_LIMIT = 2**27  # in-memory arrays up to this many values are normalised once, up front (512 MiB float32)
 _SPEC_HELP = "cifar10, cifar10:train, cifar10:test, tinyimagenet32, imagefolder:PATH, or a path to an .npz file"
+
+
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                  "nearest": InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw RGB uint8 images become model inputs: resize (the shorter side to ``resize``, then a center crop
+    of ``size``; or straight to size×size when ``resize`` is None; nothing when ``size`` is None) with
+    ``interpolation``, scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size: int | None = None
+    resize: int | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise ValueError(f"preprocessing needs three means and three positive stds, got mean={self.mean}, "
+                             f"std={self.std}")
+        if self.size is not None and self.size < 1 or self.resize is not None and self.resize < 1:
+            raise ValueError(f"preprocessing sizes must be positive, got size={self.size}, resize={self.resize}")
+        if self.size is not None and self.resize is not None and self.resize < self.size:
+            raise ValueError(f"preprocessing resize={self.resize} is smaller than the crop size={self.size}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
 
 def data_root() -> Path:
@@ -82,8 +107,6 @@ class ImageDataset(Dataset):
 
     def __init__(self, image_set: ImageSet, preprocessing: Preprocessing) -> None:
         p = preprocessing
-        if p.size is not None and p.resize is not None and p.resize < p.size:
-            raise ValueError(f"preprocessing resize={p.resize} is smaller than the crop size={p.size}")
         self.image_set = image_set
         self.preprocessing = preprocessing
         self._mean = torch.tensor(p.mean, dtype=torch.float32).view(3, 1, 1)
@@ -111,11 +134,12 @@ class ImageDataset(Dataset):
     def _resize(self, x: Tensor) -> Tensor:
         """(3, H, W) -> (3, size, size): shorter side to `resize` then center crop, or straight to size×size."""
         size, resize = self.preprocessing.size, self.preprocessing.resize
+        mode = INTERPOLATIONS[self.preprocessing.interpolation]
         if size is None or x.shape[-2:] == (size, size):
             return x
         if resize is None:
-            return TF.resize(x, [size, size], antialias=True)
-        return TF.center_crop(TF.resize(x, [resize], antialias=True), [size, size])
+            return TF.resize(x, [size, size], interpolation=mode, antialias=True)
+        return TF.center_crop(TF.resize(x, [resize], interpolation=mode, antialias=True), [size, size])
 
     def _normalize(self, x: Tensor) -> Tensor:
         return x.sub_(self._mean).div_(self._std)

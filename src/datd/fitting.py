@@ -5,9 +5,14 @@ distribution-aware norm), I (Frobenius, the classical baseline) or, with bias co
 covariance C = Σ − μμᵀ: a constant output shift (W − W̃)μ added to the bias removes the mean of the
 output error exactly, leaving E‖(W − W̃)(x − μ)‖², so C is then the norm to fit.
 
-The *damage* of an approximation is the predicted loss it causes, ½ Σ_c f_c [(W − W̃) M (W − W̃)ᵀ]_cc,
-with M the moment of the output error actually incurred (Σ, or C with bias correction) and f the
-per-channel sensitivities of ``datd.sensitivity`` (all ones: the plain squared output error).
+The *damage* of an approximation is the predicted loss it causes. With M the moment of the output error
+actually incurred (Σ, or C with bias correction) split into its per-image pooled part M̄ (from Σ̄, the moment
+of each image's mean patch, minus μμᵀ with bias correction) and the rest V = Σ − Σ̄, it is
+
+    ½ Σ_c ( A_c [(W − W̃) M̄ (W − W̃)ᵀ]_cc + B_c [(W − W̃) V (W − W̃)ᵀ]_cc )
+
+with the pooled and spread sensitivities A, B of ``datd.sensitivity`` (all ones: the plain squared output
+error). Statistics without Σ̄ give the position-independent form ½ Σ_c f_c [(W − W̃) M (W − W̃)ᵀ]_cc.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .decompose import DEFAULT_SIGMA_REG, Decomposition, cp, svd, tucker2
+from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, svd, tucker2
 from .decompose._linalg import prepare_sigma, sigma_matmul, top_eigh
 from .layers import Geometry
+from .sensitivity import Sensitivity
 
 NORMS = ("sigma", "frobenius")
 
 
 @dataclass
 class LayerProblem:
-    """One layer to compress: ``weight`` (T, S, kh, kw) or (T, S); ``sigma`` (D, D) and ``mean`` (D,) of its
-    input patches; ``geometry`` for costs; ``bias`` (T,) or None."""
+    """One layer to compress: ``weight`` (T, S, kh, kw) or (T, S); ``sigma`` (D, D), ``mean`` (D,) and
+    ``sigma_pooled`` (D, D) or None of its input patches; ``geometry`` for costs; ``bias`` (T,) or None.
+
+    A grouped convolution (G groups, weight (T, S/G, kh, kw)) has per-group statistics (G, D, D) / (G, D): it
+    is G independent problems, ``group(g)``, on output channels g·T/G … (g+1)·T/G − 1; the functions below
+    solve and score those separately and combine them."""
 
     name: str
     weight: Tensor
@@ -36,6 +46,24 @@ class LayerProblem:
     mean: Tensor
     geometry: Geometry
     bias: Tensor | None
+    sigma_pooled: Tensor | None = None
+
+    @property
+    def groups(self) -> int:
+        return self.sigma.shape[0] if self.sigma.dim() == 3 else 1
+
+    def group(self, g: int) -> "LayerProblem":
+        """The sub-problem of group ``g`` (the problem itself when ungrouped)."""
+        if self.groups == 1:
+            return self
+        rows = slice(g * self.weight.shape[0] // self.groups, (g + 1) * self.weight.shape[0] // self.groups)
+        return LayerProblem(f"{self.name}[group {g}]", self.weight[rows], self.sigma[g], self.mean[g], self.geometry,
+                            None if self.bias is None else self.bias[rows],
+                            None if self.sigma_pooled is None else self.sigma_pooled[g])
+
+    def split(self, x: Tensor) -> list[Tensor]:
+        """Per-group blocks of a tensor over output channels (T, …)."""
+        return list(x.chunk(self.groups, dim=0))
 
     @property
     def matrix(self) -> Tensor:
@@ -51,6 +79,13 @@ class LayerProblem:
         """The moment M with E‖output error‖² = tr((W − W̃) M (W − W̃)ᵀ): C with bias correction, else Σ."""
         return self.covariance if bias_correction else self.sigma
 
+    def damage_terms(self, sensitivity: Sensitivity, bias_correction: bool) -> list[tuple[Tensor, Tensor]]:
+        """(per-channel weights (T,), moment (D, D)) pairs whose weighted quadratic forms sum to the damage."""
+        if self.sigma_pooled is None:
+            return [(sensitivity.total, self.error_moment(bias_correction))]
+        pooled = self.sigma_pooled - torch.outer(self.mean, self.mean) if bias_correction else self.sigma_pooled
+        return [(sensitivity.pooled, pooled), (sensitivity.spread, self.sigma - self.sigma_pooled)]
+
     def fit_moment(self, norm: str, bias_correction: bool) -> Tensor | None:
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -61,6 +96,8 @@ class LayerProblem:
         the mean output error zero)."""
         if not bias_correction:
             return self.bias
+        if self.groups > 1:
+            return torch.cat([self.group(g).corrected_bias(a, True) for g, a in enumerate(self.split(approx))])
         shift = (self.matrix - approx.reshape(self.matrix.shape)) @ self.mean
         return shift if self.bias is None else self.bias.double() + shift
 
@@ -76,7 +113,10 @@ class FitSettings:
 
 
 def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
-    """Decompose ``problem.weight`` with ``method`` at ``ranks`` in the configured norm."""
+    """Decompose ``problem.weight`` with ``method`` at ``ranks`` (per group for a grouped conv) in the
+    configured norm."""
+    if problem.groups > 1:
+        return Grouped([fit(problem.group(g), method, ranks, settings) for g in range(problem.groups)])
     sigma = problem.fit_moment(settings.norm, settings.bias_correction)
     w, reg = problem.weight.detach(), settings.sigma_reg
     if method == "svd":
@@ -88,34 +128,51 @@ def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: Fi
     raise ValueError(f"unknown method {method!r}")
 
 
+def _quadratic(problem: LayerProblem, approx: Tensor, weights: Tensor, moment: Tensor) -> Tensor:
+    """Per-output-channel (W − W̃) M (W − W̃)ᵀ diagonals (T,) times ``weights``: one group's error quadratic."""
+    e = problem.matrix - approx.reshape(problem.matrix.shape)
+    return weights * ((e @ moment) * e).sum(dim=1)
+
+
 def output_errors(problem: LayerProblem, approx: Tensor, bias_correction: bool) -> Tensor:
     """Per-output-channel mean squared output error (T,) of the approximation ``approx`` (weight shape)."""
-    e = problem.matrix - approx.reshape(problem.matrix.shape)
-    return ((e @ problem.error_moment(bias_correction)) * e).sum(dim=1)
+    if problem.groups > 1:
+        return torch.cat([output_errors(problem.group(g), a, bias_correction) for g, a in enumerate(problem.split(approx))])
+    return _quadratic(problem, approx, torch.ones((), dtype=torch.float64), problem.error_moment(bias_correction))
 
 
-def damage(problem: LayerProblem, approx: Tensor, sensitivity: Tensor, bias_correction: bool) -> float:
-    """Predicted loss ½ Σ_c f_c E_cc of replacing the weight by ``approx``."""
-    return 0.5 * float(sensitivity @ output_errors(problem, approx, bias_correction))
+def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias_correction: bool) -> float:
+    """Predicted loss of replacing the weight by ``approx`` (see the module docstring)."""
+    if problem.groups > 1:
+        return sum(damage(problem.group(g), a, s, bias_correction) for g, (a, s) in
+                   enumerate(zip(problem.split(approx), sensitivity.chunk(problem.groups))))
+    return 0.5 * sum(float(_quadratic(problem, approx, w, m).sum()) for w, m in problem.damage_terms(sensitivity, bias_correction))
 
 
 def relative_sigma_error(problem: LayerProblem, approx: Tensor) -> float:
-    """‖(W − W̃) Σ^{1/2}‖ / ‖W Σ^{1/2}‖ with the raw Σ (the paper's per-layer error)."""
-    w = problem.matrix
-    e = w - approx.reshape(w.shape)
-    return float(torch.sqrt(((e @ problem.sigma) * e).sum() / ((w @ problem.sigma) * w).sum()))
+    """‖(W − W̃) Σ^{1/2}‖ / ‖W Σ^{1/2}‖ with the raw Σ (the paper's per-layer error; over all groups)."""
+    one = torch.ones((), dtype=torch.float64)
+    parts = [(problem.group(g), a) for g, a in enumerate(problem.split(approx))]
+    error = sum(float(_quadratic(p, a, one, p.sigma).sum()) for p, a in parts)
+    total = sum(float(_quadratic(p, torch.zeros_like(p.weight), one, p.sigma).sum()) for p, _ in parts)
+    return (error / total) ** 0.5
 
 
-def svd_damage_curve(problem: LayerProblem, sensitivity: Tensor, settings: FitSettings) -> Tensor:
+def svd_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings: FitSettings) -> Tensor:
     """Damage of the rank-R fit of ``svd`` for every R = 0 … T (T+1,), from one eigendecomposition.
 
     The rank-R fit keeps the top-R eigenvectors u_k of W₁ S W₁ᵀ (S the fit norm): W − W̃ = Σ_{k>R} u_k v_k with
-    v_k = u_kᵀ W₁. Its damage is ½ Σ_{k,l>R} (v_k M v_lᵀ)(Σ_c f_c u_k[c] u_l[c]): a trailing-block sum of a
-    T×T matrix, for all R at once."""
+    v_k = u_kᵀ W₁. For each damage term (weights w, moment M) its damage is ½ Σ_{k,l>R} (v_k M v_lᵀ)(Σ_c w_c
+    u_k[c] u_l[c]): a trailing-block sum of a T×T matrix, for all R at once. A grouped conv has the same rank
+    in every group: its curve is the sum of the groups' (R = 0 … T/G)."""
+    if problem.groups > 1:
+        return sum(svd_damage_curve(problem.group(g), s, settings)
+                   for g, s in enumerate(sensitivity.chunk(problem.groups)))
     w = problem.matrix
     s = prepare_sigma(problem.fit_moment(settings.norm, settings.bias_correction), w.shape[1], settings.sigma_reg)
     _, u = top_eigh(sigma_matmul(w, s) @ w.T, w.shape[0])
     v = u.T @ w
-    h = (v @ problem.error_moment(settings.bias_correction) @ v.T) * (u.T @ (sensitivity[:, None] * u))
+    h = sum((v @ m @ v.T) * (u.T @ (weights[:, None] * u))
+            for weights, m in problem.damage_terms(sensitivity, settings.bias_correction))
     trailing = h.flip(0, 1).cumsum(0).cumsum(1).diagonal().flip(0)  # trailing[R] = Σ_{k,l>=R} h_kl
     return 0.5 * torch.cat([trailing, trailing.new_zeros(1)])

@@ -108,17 +108,24 @@ def _bias(conv: nn.Conv2d) -> Tensor | None:
     return None if conv.bias is None else conv.bias.detach()
 
 
+def _by_group(weight: Tensor, groups: int) -> Tensor:
+    """(G·n, …) -> (G, n, …): a grouped conv's weight, one block per group."""
+    return weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+
+
 def _tucker2_merge_in(m: Tucker2Conv2d) -> nn.Sequential:
-    """k×k conv S→R_T with kernel Σ_b G[a, b] U_S[s, b], then the 1×1 R_T→T."""
-    w = torch.einsum("abij,bs->asij", m.core.weight, m.first.weight[:, :, 0, 0])
-    merged = _conv_like(m.core, m.first.in_channels, m.core.out_channels, w, _bias(m.core))
+    """k×k conv S→R_T with kernel Σ_b G[a, b] U_S[s, b] (per group), then the 1×1 R_T→T."""
+    g = m.groups
+    w = torch.einsum("gabij,gbs->gasij", _by_group(m.core.weight, g), _by_group(m.first.weight[:, :, 0, 0], g))
+    merged = _conv_like(m.core, m.first.in_channels, m.core.out_channels, w.flatten(0, 1), _bias(m.core), groups=g)
     return nn.Sequential(OrderedDict(first=merged, last=copy.deepcopy(m.last)))
 
 
 def _tucker2_merge_out(m: Tucker2Conv2d) -> nn.Sequential:
-    """The 1×1 S→R_S, then a k×k conv R_S→T with kernel Σ_a U_T[t, a] G[a, b] and the output bias."""
-    w = torch.einsum("ta,abij->tbij", m.last.weight[:, :, 0, 0], m.core.weight)
-    merged = _conv_like(m.core, m.core.in_channels, m.last.out_channels, w, _bias(m.last))
+    """The 1×1 S→R_S, then a k×k conv R_S→T with kernel Σ_a U_T[t, a] G[a, b] (per group) and the output bias."""
+    g = m.groups
+    w = torch.einsum("gta,gabij->gtbij", _by_group(m.last.weight[:, :, 0, 0], g), _by_group(m.core.weight, g))
+    merged = _conv_like(m.core, m.core.in_channels, m.last.out_channels, w.flatten(0, 1), _bias(m.last), groups=g)
     return nn.Sequential(OrderedDict(first=copy.deepcopy(m.first), last=merged))
 
 
@@ -148,9 +155,9 @@ def _cp_depthwise(m: CPConv2d) -> nn.Sequential:
 
 
 def _cp_merge_in(m: CPConv2d) -> nn.Sequential:
-    """One k×k conv S→R with kernel B[s, r]·C[i, r]·D[j, r], then the 1×1 R→T."""
-    w = m.first.weight[:, :, 0, 0][:, :, None, None] * _cp_spatial_kernel(m)  # (R, S, kh, kw)
-    merged = _conv_like(_cp_geometry(m), m.first.in_channels, m.first.out_channels, w, None)
+    """One k×k conv S→R with kernel B[s, r]·C[i, r]·D[j, r] (per group), then the 1×1 R→T."""
+    w = m.first.weight[:, :, 0, 0][:, :, None, None] * _cp_spatial_kernel(m)  # (G·R, S/G, kh, kw)
+    merged = _conv_like(_cp_geometry(m), m.first.in_channels, m.first.out_channels, w, None, groups=m.groups)
     return nn.Sequential(OrderedDict(first=merged, last=copy.deepcopy(m.last)))
 
 

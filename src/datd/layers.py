@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .decompose import CP, Decomposition, LowRank, Tucker2
+from .decompose import CP, Decomposition, LowRank, Tucker2, parts
 
 SUPPORTED = (nn.Conv2d, nn.Linear)  # the layer types datd collects statistics for and factorizes
 
@@ -91,11 +92,13 @@ def _geometry(conv: nn.Conv2d) -> dict:
     return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "padding_mode": conv.padding_mode}
 
 
-def _check_conv(conv: nn.Module) -> None:
+def _check_conv(conv: nn.Module) -> int:
+    """The groups of ``conv`` (a Conv2d that is not depthwise)."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups != 1:
-        raise ValueError(f"grouped convolutions (groups={conv.groups}) are not factorized")
+    if conv.groups > 1 and conv.in_channels // conv.groups == 1:
+        raise ValueError(f"depthwise convolutions (groups={conv.groups}) are not factorized")
+    return conv.groups
 
 
 def _set(module: nn.Module, value: Tensor) -> None:
@@ -103,11 +106,21 @@ def _set(module: nn.Module, value: Tensor) -> None:
         module.weight.copy_(value.reshape(module.weight.shape))
 
 
+def _stacked(d: Decomposition, factor: Callable[[Decomposition], Tensor]) -> Tensor:
+    """``factor`` of each group's decomposition, concatenated over the first axis (the grouped conv layout)."""
+    return torch.cat([factor(p) for p in parts(d)])
+
+
 class _Factorized(nn.Sequential):
-    """Common tail of the factorized modules: the ``last`` layer maps the rank to the output channels."""
+    """Common tail of the factorized modules: the ``last`` layer maps the rank to the output channels. For a
+    grouped conv (G groups) every piece is a grouped conv with G groups and the ranks are per group."""
+
+    @property
+    def groups(self) -> int:
+        return getattr(self.first, "groups", 1)
 
     def _load_output(self, d: Decomposition, bias: Tensor | None) -> "_Factorized":
-        _set(self.last, d.out_factor)
+        _set(self.last, _stacked(d, lambda p: p.out_factor))
         if bias is not None:
             with torch.no_grad():
                 self.last.bias.copy_(bias)
@@ -115,7 +128,7 @@ class _Factorized(nn.Sequential):
 
 
 def _output_cost(g: Geometry, rank: int) -> Cost:
-    """The final 1×1 conv / Linear rank → T, with its bias."""
+    """The final 1×1 conv / Linear rank → T (G groups of rank → T/G), with its bias."""
     n_out = g.weight_shape[0]
     return Cost(rank * n_out + (n_out if g.factorized_bias else 0), rank * n_out * g.out_positions)
 
@@ -125,32 +138,32 @@ class Tucker2Conv2d(_Factorized):
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return (self.core.out_channels, self.core.in_channels)
+        return (self.core.out_channels // self.groups, self.core.in_channels // self.groups)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int], bias: bool | None = None) -> "Tucker2Conv2d":
-        """Structure for ``conv`` with ranks (R_T, R_S); ``bias`` defaults to whether ``conv`` has one."""
-        _check_conv(conv)
+        """Structure for ``conv`` with ranks (R_T, R_S) (per group); ``bias`` defaults to whether ``conv`` has one."""
+        g = _check_conv(conv)
         r_out, r_in = ranks
         bias = conv.bias is not None if bias is None else bias
         return cls(OrderedDict(
-            first=_conv(conv.in_channels, r_in, 1, conv),
-            core=_conv(r_in, r_out, conv.kernel_size, conv, **_geometry(conv)),
-            last=_conv(r_out, conv.out_channels, 1, conv, bias=bias),
+            first=_conv(conv.in_channels, g * r_in, 1, conv, groups=g),
+            core=_conv(g * r_in, g * r_out, conv.kernel_size, conv, groups=g, **_geometry(conv)),
+            last=_conv(g * r_out, conv.out_channels, 1, conv, groups=g, bias=bias),
         ))
 
     def load_factors(self, d: Tucker2, bias: Tensor | None) -> "Tucker2Conv2d":
-        _set(self.first, d.in_factor.T)
-        _set(self.core, d.core)
+        _set(self.first, _stacked(d, lambda p: p.in_factor.T))
+        _set(self.core, _stacked(d, lambda p: p.core))
         return self._load_output(d, bias)
 
     @staticmethod
     def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
         r_out, r_in = ranks
-        n_in, p = g.weight_shape[1], g.kernel_positions
+        n_in, p, groups = g.weight_shape[1], g.kernel_positions, g.groups
         return (
-            Cost(n_in * r_in, n_in * r_in * g.in_positions)
-            + Cost(r_in * r_out * p, r_in * r_out * p * g.out_positions)
+            Cost(groups * n_in * r_in, groups * n_in * r_in * g.in_positions)
+            + Cost(groups * r_in * r_out * p, groups * r_in * r_out * p * g.out_positions)
             + _output_cost(g, r_out)
         )
 
@@ -160,14 +173,15 @@ class CPConv2d(_Factorized):
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return (self.first.out_channels,)
+        return (self.first.out_channels // self.groups,)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "CPConv2d":
-        """Structure for ``conv`` with CP rank ``ranks[0]``; stride, padding and dilation are split between
-        the vertical (height) and horizontal (width) depthwise convs."""
-        _check_conv(conv)
+        """Structure for ``conv`` with CP rank ``ranks[0]`` (per group); stride, padding and dilation are split
+        between the vertical (height) and horizontal (width) depthwise convs."""
+        g = _check_conv(conv)
         (rank,) = ranks
+        rank *= g
         bias = conv.bias is not None if bias is None else bias
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         if isinstance(conv.padding, str):
@@ -176,29 +190,30 @@ class CPConv2d(_Factorized):
             pad_v, pad_h = (conv.padding[0], 0), (0, conv.padding[1])
         mode = conv.padding_mode
         return cls(OrderedDict(
-            first=_conv(conv.in_channels, rank, 1, conv),
+            first=_conv(conv.in_channels, rank, 1, conv, groups=g),
             vertical=_conv(rank, rank, (kh, 1), conv, stride=(sh, 1), padding=pad_v, dilation=(dh, 1), groups=rank,
                            padding_mode=mode),
             horizontal=_conv(rank, rank, (1, kw), conv, stride=(1, sw), padding=pad_h, dilation=(1, dw), groups=rank,
                              padding_mode=mode),
-            last=_conv(rank, conv.out_channels, 1, conv, bias=bias),
+            last=_conv(rank, conv.out_channels, 1, conv, groups=g, bias=bias),
         ))
 
     def load_factors(self, d: CP, bias: Tensor | None) -> "CPConv2d":
-        _set(self.first, d.in_factor.T)
-        _set(self.vertical, d.vertical.T)
-        _set(self.horizontal, d.horizontal.T)
+        _set(self.first, _stacked(d, lambda p: p.in_factor.T))
+        _set(self.vertical, _stacked(d, lambda p: p.vertical.T))
+        _set(self.horizontal, _stacked(d, lambda p: p.horizontal.T))
         return self._load_output(d, bias)
 
     @staticmethod
     def cost(g: Geometry, ranks: tuple[int, ...]) -> Cost:
         (rank,) = ranks
         _, n_in, kh, kw = g.weight_shape
+        spatial = g.groups * rank  # depthwise channels
         mid_positions = g.output_hw[0] * g.input_hw[1]  # after the vertical conv: output height, input width
         return (
-            Cost(n_in * rank, n_in * rank * g.in_positions)
-            + Cost(rank * kh, rank * kh * mid_positions)
-            + Cost(rank * kw, rank * kw * g.out_positions)
+            Cost(spatial * n_in, spatial * n_in * g.in_positions)
+            + Cost(spatial * kh, spatial * kh * mid_positions)
+            + Cost(spatial * kw, spatial * kw * g.out_positions)
             + _output_cost(g, rank)
         )
 
@@ -208,20 +223,20 @@ class LowRankConv2d(_Factorized):
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        return (self.first.out_channels,)
+        return (self.first.out_channels // self.groups,)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, ...], bias: bool | None = None) -> "LowRankConv2d":
-        _check_conv(conv)
+        g = _check_conv(conv)
         (rank,) = ranks
         bias = conv.bias is not None if bias is None else bias
         return cls(OrderedDict(
-            first=_conv(conv.in_channels, rank, conv.kernel_size, conv, **_geometry(conv)),
-            last=_conv(rank, conv.out_channels, 1, conv, bias=bias),
+            first=_conv(conv.in_channels, g * rank, conv.kernel_size, conv, groups=g, **_geometry(conv)),
+            last=_conv(g * rank, conv.out_channels, 1, conv, groups=g, bias=bias),
         ))
 
     def load_factors(self, d: LowRank, bias: Tensor | None) -> "LowRankConv2d":
-        _set(self.first, d.in_factor)
+        _set(self.first, _stacked(d, lambda p: p.in_factor))
         return self._load_output(d, bias)
 
     @staticmethod
@@ -229,7 +244,7 @@ class LowRankConv2d(_Factorized):
         (rank,) = ranks
         n_in, p = g.weight_shape[1], g.kernel_positions
         return (
-            Cost(n_in * p * rank, n_in * p * rank * g.out_positions)
+            Cost(g.groups * n_in * p * rank, g.groups * n_in * p * rank * g.out_positions)
             + _output_cost(g, rank)
         )
 

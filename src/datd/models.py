@@ -1,4 +1,5 @@
-"""Model sources: the CIFAR-10 ResNets, torchvision classifiers and user callables, with their preprocessing."""
+"""Model sources: the CIFAR-10 ResNets, torchvision classifiers, timm models ('timm:<name>', optional extra
+``datd[timm]``) and user callables, with their preprocessing."""
 
 from __future__ import annotations
 
@@ -14,23 +15,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .data import data_root
+from .data import Preprocessing, data_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 CIFAR_NAMES = tuple(f"cifar_resnet{d}" for d in CIFAR_DEPTHS)
+TIMM_PREFIX = "timm:"
 _AUX_HEADS = ("aux1", "aux2", "AuxLogits")  # googlenet / inception_v3 training-only heads
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How raw RGB uint8 images become model inputs."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    size: int | None = None  # square side the model expects; None: keep the data's native size
-    resize: int | None = None  # shorter side before a center crop of `size` (None: resize straight to size×size)
 
 
 @dataclass
@@ -114,16 +106,20 @@ class CifarResNet(nn.Module):
 
 
 def list_models() -> list[str]:
-    """CIFAR ResNet names followed by all torchvision classification model names."""
+    """CIFAR ResNet names followed by all torchvision classification model names (timm models, 'timm:<name>',
+    are listed by ``timm.list_models()``)."""
     return [*CIFAR_NAMES, *_torchvision_names()]
 
 
 def load_model(name: str, weights: str | None = None) -> LoadedModel:
-    """Build model ``name`` ('cifar_resnet56', a torchvision classifier such as 'resnet18', or
+    """Build model ``name`` ('cifar_resnet56', a torchvision classifier such as 'resnet18', 'timm:<name>' or
     'package.module:callable') and load ``weights`` (None: the default for that source, 'none': random init,
-    'DEFAULT' / a torchvision weights enum name, or a state-dict file). Returns it in eval mode on CPU."""
+    'DEFAULT' / a torchvision weights enum name / timm's pretrained tag, or a state-dict file). Returns it in eval
+    mode on CPU."""
     if name in CIFAR_NAMES:
         loaded = _load_cifar(name, weights)
+    elif name.startswith(TIMM_PREFIX):
+        loaded = _load_timm(name, weights)
     elif ":" in name:
         loaded = _load_callable(name, weights)
     elif name in _torchvision_names():
@@ -132,7 +128,7 @@ def load_model(name: str, weights: str | None = None) -> LoadedModel:
         raise ValueError(
             f"unknown model {name!r}: expected one of {', '.join(CIFAR_NAMES)}, "
             "a torchvision classification model name (e.g. resnet18, resnet50, googlenet, mobilenet_v2; "
-            "see list_models()), or 'package.module:callable'"
+            "see list_models()), 'timm:<name>' or 'package.module:callable'"
         )
     loaded.model.cpu().eval()
     return loaded
@@ -213,6 +209,51 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
         _apply_state_dict(model, state, weights, name)
     preprocessing = Preprocessing(mean=mean, std=std, size=size, resize=resize)  # type: ignore[arg-type]
     return LoadedModel(model, name, weights, preprocessing, num_classes=_num_classes(model, name))
+
+
+def _load_timm(name: str, weights: str | None) -> LoadedModel:
+    """A timm model with timm's own pretrained data config (mean, std, input size, crop, interpolation).
+
+    weights: None or 'none': random init (with a warning); 'DEFAULT' / 'pretrained': timm's pretrained weights
+    (downloaded; a clear error offline); otherwise a state-dict file."""
+    try:
+        import timm
+        from timm.data import resolve_data_config
+    except ImportError as exc:
+        raise ValueError(f"model {name!r} needs timm: pip install 'datd[timm]'") from exc
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch}*")[:8]
+        raise ValueError(f"unknown timm model {arch!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+    if weights is None or _is_none(weights):
+        warnings.warn(f"{name} has random weights (weights 'none'): its accuracy will be meaningless; "
+                      "pass --weights DEFAULT or --weights PATH for a trained model", stacklevel=3)
+        model = _seeded(lambda: timm.create_model(arch, pretrained=False))
+        weights = "none"
+    elif weights in ("DEFAULT", "pretrained"):
+        try:
+            model = timm.create_model(arch, pretrained=True)
+        except Exception as exc:  # huggingface_hub / urllib raise many types when offline
+            raise RuntimeError(
+                f"could not download timm's pretrained weights for {arch} (offline?): download them on a machine "
+                f"with internet access and pass the file with --weights PATH ({type(exc).__name__}: {exc})"
+            ) from exc
+    else:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file not found: {weights} (timm weights are 'DEFAULT', or 'none')")
+        model = timm.create_model(arch, pretrained=False)
+        _apply_state_dict(model, _read_state_dict(weights), weights, name)
+    config = resolve_data_config({}, model=model)
+    size = int(config["input_size"][-1])
+    crop = float(config.get("crop_pct") or 1.0)
+    interpolation = config.get("interpolation", "bilinear")
+    preprocessing = Preprocessing(
+        mean=tuple(config["mean"]), std=tuple(config["std"]), size=size,  # type: ignore[arg-type]
+        resize=max(size, int(size / crop)) if config.get("crop_mode", "center") == "center" else None,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+    )
+    num_classes = getattr(model, "num_classes", 0) or _num_classes(model, name)
+    return LoadedModel(model, name, weights, preprocessing, num_classes=num_classes)
 
 
 def _load_callable(name: str, weights: str | None) -> LoadedModel:

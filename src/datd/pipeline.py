@@ -36,7 +36,7 @@ from .plan import (
     METHODS, LatencyBudget, Option, Plan, Target, allocate, check_ranks, factorized_cost, metric_of, rank_ladder,
     ranks_for_fraction,
 )
-from .sensitivity import output_sensitivity
+from .sensitivity import Sensitivity, output_sensitivity
 from .stats import Statistics, batch_inputs, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
@@ -135,7 +135,7 @@ class _Layer:
     problem: LayerProblem
     module: nn.Module
     methods: tuple[str, ...]
-    sensitivity: torch.Tensor  # per-output-channel weights of the damage (ones unless measured)
+    sensitivity: Sensitivity  # per-output-channel weights of the damage (ones unless measured)
     fits: dict[tuple[str, tuple[int, ...], FitSettings], Decomposition] = field(default_factory=dict)
 
     @property
@@ -188,7 +188,11 @@ def compress(
     settings, target = config.settings, Target.parse(config.target)
     multiple = _rank_multiple(config, device)
     first = batch_inputs(next(iter(calib))).to(device)
-    before = Cost(count_params(original), count_macs(original, first[:1]))
+    try:
+        before = Cost(count_params(original), count_macs(original, first[:1]))
+    except RuntimeError as exc:  # checked before any work: wrong channels, a size the model cannot take, ...
+        raise ValueError(f"the calibration inputs (shape {tuple(first.shape[1:])} per sample) do not fit the model: "
+                         f"{str(exc).splitlines()[0]}") from exc
 
     candidates = candidate_layers(original, filter_fn)
     skipped: dict[str, str] = {}
@@ -323,16 +327,17 @@ def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Opt
 def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig) -> _Layer:
     s = stats[name]
     geometry = Geometry.of(module, s.input_hw, s.output_hw, add_bias=config.bias_correction)
-    problem = LayerProblem(name, module.weight.detach().double(), s.sigma.to(module.weight.device), s.mean.to(module.weight.device),
-                           geometry, None if module.bias is None else module.bias.detach().double())
+    device = module.weight.device
+    problem = LayerProblem(name, module.weight.detach().double(), s.sigma.to(device), s.mean.to(device), geometry,
+                           None if module.bias is None else module.bias.detach().double(),
+                           None if s.sigma_pooled is None else s.sigma_pooled.to(device))
     if isinstance(module, nn.Linear) or geometry.kernel_positions == 1:
         methods: tuple[str, ...] = ("svd",)
     elif config.method == "auto" or config.ranks not in RANK_MODES:  # a plan file names its own methods
         methods = METHODS
     else:
         methods = (config.method,)
-    ones = torch.ones(module.weight.shape[0], dtype=torch.float64, device=module.weight.device)
-    return _Layer(problem, module, methods, ones)
+    return _Layer(problem, module, methods, Sensitivity.uniform(module.weight.shape[0], device))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,9 +73,14 @@ def factorized_cost(method: str, geometry: Geometry, ranks: tuple[int, ...]) -> 
     return FACTORIZED[method].cost(geometry, ranks)
 
 
+def _channels(geometry: Geometry) -> tuple[int, int]:
+    """Output and input channels of one group (the whole layer when ungrouped): ranks are per group."""
+    return geometry.weight_shape[0] // geometry.groups, geometry.weight_shape[1]
+
+
 def max_ranks(method: str, geometry: Geometry) -> tuple[int, ...]:
-    """The largest meaningful ranks of ``method`` for a weight (T, S, kh, kw)."""
-    n_out, n_in = geometry.weight_shape[:2]
+    """The largest meaningful ranks (per group) of ``method`` for a weight (T, S/G, kh, kw)."""
+    n_out, n_in = _channels(geometry)
     p = geometry.kernel_positions
     if method == "svd":
         return (min(n_out, n_in * p),)
@@ -94,7 +99,7 @@ def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tupl
     if multiple < 1:
         raise ValueError(f"the rank multiple must be >= 1, got {multiple}")
     dense = dense_cost(geometry)
-    n_out, n_in = geometry.weight_shape[:2]
+    n_out, n_in = _channels(geometry)
     if method == "tucker2":
         m = max(n_out, n_in)
         candidates = sorted({(_round_up(math.ceil(i * n_out / m), multiple, n_out),

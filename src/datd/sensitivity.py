@@ -10,10 +10,23 @@ diagonal summed over spatial positions, per output channel c:
 so that a compressed layer whose per-position output error has covariance E (= (W − W̃) Σ (W − W̃)ᵀ, see
 MISSION.md) is predicted to cost ½ Σ_c f_c E_cc nats per image. These predictions make the errors of
 different layers comparable, which is what a global rank allocation needs.
+
+That sum treats the errors at different positions of one image as independent. They are not: an error
+e_p = (W − W̃) x_p follows the inputs, which share much of their content across an image, and a layer that
+feeds a global pooling sees the gradients g_p of all its positions alike, so (Σ_p g_p e_p)² can be P times
+Σ_p g_p² e_p². Splitting each image's error into its mean over positions ē and the rest ẽ_p (and its
+gradients likewise), the second-order damage per channel is
+
+    ½ ( A_c E[ē_c²] + B_c E[ẽ_c²] ),   A_c = E(Σ_p g_cp)²,   B_c = E Σ_p g_cp² − A_c / P,
+
+with E[ē ēᵀ] and E[ẽ ẽᵀ] from the pooled input moment Σ̄ (``LayerStats.sigma_pooled``) and Σ − Σ̄. A channel
+whose gradients are the same at every position (before a global pooling) has B_c = 0 and A_c = P·f_c; one
+whose gradients are independent across positions has A_c ≈ f_c ≈ B_c, the old prediction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -21,6 +34,34 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .stats import batch_inputs
+
+
+@dataclass
+class Sensitivity:
+    """Per-output-channel weights (T,) float64 of a layer's predicted damage: ``total`` f_c (errors at
+    independent positions), ``pooled`` A_c (for the per-image mean of the error) and ``spread`` B_c (for its
+    variation over positions)."""
+
+    total: Tensor
+    pooled: Tensor
+    spread: Tensor
+
+    @classmethod
+    def uniform(cls, channels: int, device: torch.device | str | None = None) -> "Sensitivity":
+        """All ones: the plain mean squared output error."""
+        ones = torch.ones(channels, dtype=torch.float64, device=device)
+        return cls(ones, ones, ones)
+
+    @classmethod
+    def measured(cls, total: Tensor, pooled: Tensor, positions: int) -> "Sensitivity":
+        return cls(total, pooled, (total - pooled / positions).clamp_min(0))
+
+    def chunk(self, groups: int) -> list["Sensitivity"]:
+        """Per-group slices over consecutive output channels."""
+        return [Sensitivity(*parts) for parts in zip(*(w.chunk(groups) for w in (self.total, self.pooled, self.spread)))]
+
+    def to(self, device: torch.device | str) -> "Sensitivity":
+        return Sensitivity(self.total.to(device), self.pooled.to(device), self.spread.to(device))
 
 
 def output_sensitivity(
@@ -32,20 +73,25 @@ def output_sensitivity(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> dict[str, Tensor]:
-    """Per-output-channel Fisher sensitivities f (T,) float64 for each of ``layers`` (name -> module of
+) -> dict[str, Sensitivity]:
+    """Per-output-channel Fisher sensitivities (``Sensitivity``) for each of ``layers`` (name -> module of
     ``model``), from up to ``max_images`` calibration images."""
     if device is None:
         device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sums = {name: torch.zeros(module.weight.shape[0], dtype=torch.float64) for name, module in layers.items()}
+    pooled = {name: torch.zeros_like(s) for name, s in sums.items()}
+    positions: dict[str, int] = {}
 
     def make_hook(name: str):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             def grad_hook(grad: Tensor) -> None:
-                channel_dim = 1 if isinstance(module, nn.Conv2d) else grad.dim() - 1
-                dims = [d for d in range(grad.dim()) if d != channel_dim]
-                sums[name] += (grad.detach().double() ** 2).sum(dim=dims).cpu()
+                g = grad.detach().double()
+                g = g.movedim(1, -1) if isinstance(module, nn.Conv2d) else g  # channels last
+                g = g.reshape(g.shape[0] if g.dim() > 1 else 1, -1, g.shape[-1])  # (N, positions, T)
+                sums[name] += (g ** 2).sum(dim=(0, 1)).cpu()
+                pooled[name] += (g.sum(dim=1) ** 2).sum(dim=0).cpu()
+                positions[name] = g.shape[1]
 
             output.register_hook(grad_hook)
 
@@ -78,4 +124,4 @@ def output_sensitivity(
         model.train(was_training)
     if seen == 0:
         raise ValueError("the calibration data yielded no images for the sensitivity pass")
-    return {name: s / seen for name, s in sums.items()}
+    return {name: Sensitivity.measured(s / seen, pooled[name] / seen, positions.get(name, 1)) for name, s in sums.items()}

@@ -42,7 +42,10 @@ class LayerStats:
     sigma: (D, D) float64 uncentered second moment (or (G, D, D) for grouped convs);
     mean: (D,) float64 (or (G, D)); count: number of patch vectors averaged (per group);
     input_hw / output_hw: spatial size of the layer input / output ((rows per sample, 1) for a Linear),
-    used to count MACs.
+    used to count MACs;
+    sigma_pooled: E[x̄ x̄ᵀ] over calls (images) of the mean patch x̄ of one call, averaged over its output
+    positions (rows for a Linear), same layout as ``sigma``: the part of Σ that moves all positions of an image
+    together (what a global pooling after the layer sees); None in files written before it existed.
     """
 
     kind: str
@@ -53,6 +56,7 @@ class LayerStats:
     count: int
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
+    sigma_pooled: Tensor | None = None
 
     def covariance(self) -> Tensor:
         """Σ − μμᵀ, the centered second moment (same layout as ``sigma``)."""
@@ -84,6 +88,8 @@ class Statistics(dict[str, LayerStats]):
         for name, s in self.items():
             tensors[f"{name}.sigma"] = s.sigma.detach().cpu().contiguous()
             tensors[f"{name}.mean"] = s.mean.detach().cpu().contiguous()
+            if s.sigma_pooled is not None:
+                tensors[f"{name}.sigma_pooled"] = s.sigma_pooled.detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"datd": json.dumps(meta)})
 
@@ -101,11 +107,14 @@ class Statistics(dict[str, LayerStats]):
                 if not meta or meta.get("format") != FORMAT:
                     raise ValueError(f"{path} is not a datd statistics file (format {FORMAT})")
                 layers = {}
+                keys = set(f.keys())
                 for name, m in meta["layers"].items():
+                    pooled = f"{name}.sigma_pooled"
                     layers[name] = LayerStats(
                         kind=m["kind"], weight_shape=tuple(m["weight_shape"]), groups=m["groups"],
                         sigma=f.get_tensor(f"{name}.sigma"), mean=f.get_tensor(f"{name}.mean"),
                         count=m["count"], input_hw=tuple(m["input_hw"]), output_hw=tuple(m["output_hw"]),
+                        sigma_pooled=f.get_tensor(pooled) if pooled in keys else None,
                     )
         except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
             raise ValueError(f"cannot read statistics from {path}: {exc}") from exc
@@ -200,7 +209,9 @@ class _Accumulator:
         dim = module.weight.shape[1] * (module.weight.shape[2] * module.weight.shape[3] if self.kind == "conv2d" else 1)
         self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
+        self.sum_pooled = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.count = 0
+        self.calls = 0  # images (one per sample of each call) behind sum_pooled
         self.input_hw = self.output_hw = (0, 0)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
@@ -219,6 +230,9 @@ class _Accumulator:
         else:
             rows = x.reshape(-1, x.shape[-1])
             self.input_hw = self.output_hw = (x[0].numel() // x.shape[-1] if x.dim() > 1 else 1, 1)
+            per_sample = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1) if x.dim() > 1 else x[None]
+            self.sum_pooled[0] += per_sample.T @ per_sample
+            self.calls += per_sample.shape[0]
             step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
             for start in range(0, rows.shape[0], step):
                 chunk = rows[start:start + step]
@@ -236,24 +250,27 @@ class _Accumulator:
             self.sum_outer += rows.transpose(1, 2) @ rows
         self.sum += cols.sum(dim=(0, 3))
         self.count += n * positions
+        pooled = cols.mean(dim=3).transpose(0, 1)  # (G, N, D): each image's mean patch
+        self.sum_pooled += pooled.transpose(1, 2) @ pooled
+        self.calls += n
 
     def result(self) -> LayerStats:
         if self.count == 0:
             raise ValueError(f"layer '{self.name}' was never called during the calibration forward passes")
-        sigma, mean = self.sum_outer / self.count, self.sum / self.count
+        sigma, mean, pooled = self.sum_outer / self.count, self.sum / self.count, self.sum_pooled / self.calls
         if self.sum.shape[0] == 1:
-            sigma, mean = sigma[0], mean[0]
+            sigma, mean, pooled = sigma[0], mean[0], pooled[0]
         groups = self.module.groups if self.kind == "conv2d" else 1
         return LayerStats(
             kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=groups, sigma=sigma, mean=mean,
-            count=self.count, input_hw=self.input_hw, output_hw=self.output_hw,
+            count=self.count, input_hw=self.input_hw, output_hw=self.output_hw, sigma_pooled=pooled,
         )
 
     def all_reduce(self) -> None:
-        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
-        for t in (self.sum_outer, self.sum, count):
+        counts = torch.tensor([float(self.count), float(self.calls)], dtype=torch.float64, device=self.sum.device)
+        for t in (self.sum_outer, self.sum, self.sum_pooled, counts):
             dist.all_reduce(t)
-        self.count = int(count.item())
+        self.count, self.calls = int(counts[0].item()), int(counts[1].item())
 
 
 def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:

@@ -32,14 +32,13 @@ def skip_reason(module: nn.Module, min_params: int) -> str | None:
     if not isinstance(module, SUPPORTED):
         return f"unsupported layer type {type(module).__name__}"
     if isinstance(module, nn.Conv2d):
-        if module.groups == module.in_channels and module.groups > 1:
-            return "depthwise convolution (nothing to factorize)"
-        if module.groups > 1:
-            return f"grouped convolution (groups={module.groups}) is not supported yet"
+        if module.groups > 1 and module.in_channels // module.groups == 1:
+            return "depthwise convolution (one input channel per group: nothing to factorize)"
     if module.weight.numel() < min_params:
         return f"too small ({module.weight.numel()} weights < {min_params})"
-    if min(module.weight.shape[:2]) < 2:
-        return "a single input or output channel cannot be factorized"
+    groups = getattr(module, "groups", 1)
+    if min(module.weight.shape[0] // groups, module.weight.shape[1]) < 2:
+        return "a single input or output channel (per group) cannot be factorized"
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import torch
 from torch import Tensor
 
 
@@ -39,6 +40,37 @@ class Decomposition:
 
     def _shape4(self) -> tuple[int, int, int, int]:
         return (self.shape[0], self.shape[1], 1, 1) if len(self.shape) == 2 else tuple(self.shape)  # type: ignore[return-value]
+
+
+class Grouped(Decomposition):
+    """The decompositions of the G groups of a grouped convolution (same method and ranks in each), whose
+    weight is their concatenation over output channels. ``history`` is the worst group's relative error after
+    each sweep (a group that stopped early keeps its last error)."""
+
+    def __init__(self, parts: list[Decomposition]):
+        if not parts or len({(p.method, p.ranks) for p in parts}) != 1:
+            raise ValueError("a grouped decomposition needs parts of one method and one rank setting")
+        first = parts[0].shape
+        sweeps = max(len(p.history) for p in parts)
+        history = [max(p.history[min(i, len(p.history) - 1)] for p in parts) for i in range(sweeps)]
+        super().__init__((first[0] * len(parts),) + tuple(first[1:]), history=history)
+        self.parts = parts
+        self.method = parts[0].method
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.parts[0].ranks
+
+    def reconstruct(self) -> Tensor:
+        return torch.cat([p.reconstruct() for p in self.parts])
+
+    def factors(self) -> dict[str, Tensor]:
+        return {f"group{g}.{k}": v for g, p in enumerate(self.parts) for k, v in p.factors().items()}
+
+
+def parts(d: Decomposition) -> list[Decomposition]:
+    """The per-group decompositions of ``d`` ([d] when ungrouped)."""
+    return d.parts if isinstance(d, Grouped) else [d]
 
 
 def khatri_rao(*factors: Tensor) -> Tensor:

@@ -1,0 +1,60 @@
+"""Damage predictions: the closed-form Σ-SVD curve agrees with fitted layers, and the pooled/spread split."""
+
+import pytest
+import torch
+
+from datd.fitting import FitSettings, LayerProblem, damage, fit, svd_damage_curve
+from datd.layers import Geometry
+from datd.sensitivity import Sensitivity
+
+
+def problem(pooled: bool, seed: int = 0) -> LayerProblem:
+    gen = torch.Generator().manual_seed(seed)
+    t, s, k = 6, 4, 3
+    d = s * k * k
+    a = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
+    sigma = a @ a.T / (2 * d)
+    mean = 0.3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    sigma = sigma + torch.outer(mean, mean)
+    b = torch.randn(d, d, generator=gen, dtype=torch.float64) / d
+    sigma_pooled = torch.outer(mean, mean) + 0.5 * b @ sigma @ b.T if pooled else None  # a part of Σ
+    weight = torch.randn(t, s, k, k, generator=gen, dtype=torch.float64)
+    return LayerProblem("l", weight, sigma, mean, Geometry((t, s, k, k), 1, False, (8, 8), (8, 8)), None, sigma_pooled)
+
+
+def sensitivity(seed: int = 1) -> Sensitivity:
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
+    pooled = 64 * total * torch.rand(6, generator=gen, dtype=torch.float64)
+    return Sensitivity.measured(total, pooled, 64)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_svd_damage_curve_matches_the_fitted_layers(pooled, bias_correction):
+    p, sens = problem(pooled), sensitivity()
+    settings = FitSettings(bias_correction=bias_correction)
+    curve = svd_damage_curve(p, sens, settings)
+    assert curve.shape == (7,) and curve[-1] == 0
+    for rank in range(1, 7):
+        approx = fit(p, "svd", (rank,), settings).reconstruct()
+        assert curve[rank] == pytest.approx(damage(p, approx, sens, bias_correction), rel=1e-6, abs=1e-12)
+    assert curve[0] == pytest.approx(damage(p, torch.zeros_like(p.weight), sens, bias_correction), rel=1e-9)
+
+
+def test_without_pooled_statistics_the_damage_is_the_position_independent_form():
+    p, sens = problem(pooled=False), sensitivity()
+    approx = fit(p, "svd", (2,), FitSettings()).reconstruct()
+    e = p.matrix - approx.reshape(p.matrix.shape)
+    expected = 0.5 * float(sens.total @ ((e @ p.covariance) * e).sum(dim=1))
+    assert damage(p, approx, sens, True) == pytest.approx(expected, rel=1e-12)
+
+
+def test_pooled_and_spread_parts_add_up_for_uniform_weights():
+    # with all weights one, the split damage is the plain squared error, whatever Σ̄ is
+    with_split, plain = problem(pooled=True), problem(pooled=False)
+    ones = Sensitivity.uniform(6)
+    approx = fit(plain, "svd", (3,), FitSettings()).reconstruct()
+    for bias_correction in (False, True):
+        assert damage(with_split, approx, ones, bias_correction) == pytest.approx(
+            damage(plain, approx, ones, bias_correction), rel=1e-10)
