@@ -16,6 +16,9 @@ kept and skipped on the next run unless --fresh, so the full run can be done in 
 - imagenet:    torchvision ResNet-18/50 and GoogLeNet at 224×224 (random init, Σ from the 1,000 real ImageNet
                sample images): per-layer relative Σ-error of Σ vs Frobenius Tucker-2 fits at equal ranks, and
                the time of each stage (statistics of the k×k convolutions, Σ fits).
+- mobilenet:   torchvision MobileNetV2 with real ImageNet weights (../shared/data/models), calibrated on a seeded
+               half of the 1,000-image ImageNet sample (Σ also from 1,000 Tiny-ImageNet images, upscaled), top-1
+               on the other half; targets params 0.9 … 0.5 and macs 0.95 … 0.75, default settings.
 
     python benchmarks/accuracy.py --quick            # a subset, < 15 min on 2 cores
     python benchmarks/accuracy.py                    # everything (hours on 2 cores; see BENCHMARKS.md)
@@ -277,6 +280,57 @@ def imagenet(runner: Runner, names: list[str], images: int) -> None:
                        "layers": layers})
 
 
+MOBILENET_TARGETS = ["params=0.9", "params=0.8", "params=0.7", "params=0.6", "params=0.5",
+                     "macs=0.95", "macs=0.9", "macs=0.85", "macs=0.8", "macs=0.75"]
+
+
+def mobilenet(runner: Runner, targets: list[str]) -> None:
+    """MobileNetV2 (real ImageNet weights): calibrate on a seeded half of the ImageNet sample, evaluate on the
+    other half; Σ from that half and from Tiny-ImageNet (a transfer), the default settings otherwise."""
+    from torch.utils.data import DataLoader
+
+    from datd.data import ImageDataset, data_root, load_images
+
+    name = "mobilenet_v2"
+    loaded = load_model(name, str(data_root() / "models" / "mobilenet_v2-imagenet-from-int8.safetensors"))
+    images = load_images(f"imagefolder:{data_root()}/imagenet-sample/val", "eval")
+    order = np.random.default_rng(0).permutation(len(images))
+    half = len(images) // 2
+    calib = DataLoader(ImageDataset(images.subset(order[:half], "ImageNet sample, seeded half 0"),
+                                    loaded.preprocessing), batch_size=32)
+    held_out = DataLoader(ImageDataset(images.subset(np.sort(order[half:]), "ImageNet sample, seeded half 1"),
+                                       loaded.preprocessing), batch_size=50)
+    model = loaded.model
+    base_key = f"mobilenet|base|{name}"
+    if base_key not in runner.done:
+        runner.record({"key": base_key, "section": "mobilenet", "model": name, "label": "original", "target": "-",
+                       "accuracy": accuracy(model, held_out, progress=False)})
+    base = next(r["accuracy"] for r in runner.rows if r["key"] == base_key)
+    sources = {"imagenet half": calib, "tinyimagenet32": calibration_loader("tinyimagenet32", loaded.preprocessing,
+                                                                            1000, batch_size=32)}
+    for source, data in sources.items():
+        stats = None
+        for target in targets:
+            key = f"mobilenet|{name}|{target}|default|{source}"
+            if key in runner.done:
+                continue
+            if stats is None:
+                start = time.perf_counter()
+                stats = datd.collect_stats(model, data, progress=False, description=source)
+                stats_seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False,
+                                               measure_latency=False, **DEFAULT)
+            runner.record({
+                "key": key, "section": "mobilenet", "model": name, "label": "default", "target": target,
+                "stats_data": source, "accuracy_before": base, "accuracy": accuracy(compressed, held_out, progress=False),
+                "params_ratio": report["params_ratio"], "macs_ratio": report["macs_ratio"],
+                "seconds": time.perf_counter() - start, "stats_seconds": stats_seconds, "timings": report["timings"],
+                "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "damage", "damage_measured",
+                                                  "params_before", "params_after", "skipped")} for l in report["layers"]],
+            })
+
+
 # ----------------------------------------------------------------------------------------------- reporting
 
 def _pct(x: float) -> str:
@@ -332,6 +386,26 @@ def plots(rows: list[dict]) -> list[str]:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(path.name)
+    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] == "default"]
+    if mobile:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        base = next((100 * r["accuracy"] for r in rows if r["section"] == "mobilenet" and r["label"] == "original"), None)
+        for ax, metric in zip(axes, ("params", "macs")):
+            for source in sorted({r["stats_data"] for r in mobile}):
+                pts = sorted((r[f"{metric}_ratio"], 100 * r["accuracy"]) for r in mobile
+                             if r["stats_data"] == source and r["target"].startswith(metric))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"datd default, Σ from {source}")
+            if base:
+                ax.axhline(base, color="gray", ls=":", label=f"original {base:.1f}%")
+            ax.set_xlabel(f"{metric} kept (fraction)")
+            ax.set_title(f"MobileNetV2 (ImageNet weights): top-1 vs {metric}")
+        axes[0].set_ylabel("top-1 (%) on the held-out half, no fine-tuning")
+        axes[0].legend(fontsize=7)
+        path = RESULTS / "accuracy_mobilenet_v2.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path.name)
     default = [r for r in rows if r["section"] == "grid" and r["label"] == "datd: auto/sigma/auto" and r["target"] == "params=0.5"]
     for r in default:
         layers = [l for l in r["layers"] if l.get("params_before")]
@@ -449,6 +523,18 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
             out.append(f"| {r['model']} | {r['images']} | {len(ls)} | {a:.4f} | {f:.4f} | {better}/{len(ls)} | "
                        f"{r['stats_seconds']:.1f} | {r['sigma_fit_seconds']:.1f} |")
         out.append("")
+    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] == "default"]
+    if mobile:
+        base = next((r["accuracy"] for r in rows if r["section"] == "mobilenet" and r["label"] == "original"), None)
+        out += [f"### MobileNetV2, real ImageNet weights (original {_pct(base)} on the held-out half)", "",
+                "Calibration: a seeded half (500 images) of the ImageNet sample, or 1,000 Tiny-ImageNet images "
+                "upscaled to 224 (Σ transfer); top-1 on the other 500 images; `datd compress` defaults "
+                "(probes on); seconds = compress with statistics precomputed.", "",
+                "| target | Σ from | achieved params | achieved MACs | top-1 | Δ | seconds |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(mobile, key=lambda r: (r["target"].split("=")[0], -float(r["target"].split("=")[1]), r["stats_data"])):
+            out.append(f"| {r['target']} | {r['stats_data']} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
+                       f"{_pct(r['accuracy'])} | {100 * (r['accuracy'] - base):+.2f} | {r['seconds']:.0f} |")
+        out.append("")
     if figures:
         out += ["### Plots", ""] + [f"![{f}](benchmarks/results/{f})" for f in figures] + [""]
     runs = {r["date"]: r for r in rows if r["section"] == "invocation"}
@@ -472,7 +558,7 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-20, params=0.5 and 0.25, key settings and peers")
-    parser.add_argument("--sections", default="grid,peers,transfer,calibration,seeds,imagenet")
+    parser.add_argument("--sections", default="grid,peers,transfer,calibration,seeds,imagenet,mobilenet")
     parser.add_argument("--models", default="cifar_resnet20,cifar_resnet56")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--fresh", action="store_true", help="recompute results already in the results file")
@@ -509,6 +595,8 @@ def main() -> None:
             seeds(runner, models, ["params=0.5", "params=0.25"])
         if "imagenet" in sections:
             imagenet(runner, ["resnet18", "resnet50", "googlenet"], 256)
+        if "mobilenet" in sections:
+            mobilenet(runner, MOBILENET_TARGETS)
     figures = plots(runner.rows)
     update_section(NAME, markdown(runner.rows, env, figures))
 

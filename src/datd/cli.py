@@ -22,8 +22,9 @@ from .stats import Statistics, batch_inputs, collect_stats
 DEFAULTS = CompressConfig()
 DEMO_TARGET = "latency=0.7"
 MODEL_HELP = ("cifar_resnet20|32|44|56|110 (CIFAR-10 ResNets), any torchvision classifier name (resnet18, resnet50, "
-              "googlenet, mobilenet_v2, …) or package.module:callable")
-WEIGHTS_HELP = ("a state-dict file (.pth/.th/.safetensors); 'DEFAULT' or a torchvision weights name (downloads); "
+              "googlenet, mobilenet_v2, …), timm:<name> (needs datd[timm]) or package.module:callable")
+WEIGHTS_HELP = ("a state-dict file (.pth/.th/.safetensors); 'DEFAULT' (torchvision's or timm's pretrained weights) "
+                "or a torchvision weights name (downloads); "
                 "'none' for random init. Default: the shipped checkpoint for cifar_resnet20/56, random init for "
                 "torchvision models")
 DATA_HELP = ("cifar10 (train calibrates, test evaluates), cifar10:train, cifar10:test, tinyimagenet32, "
@@ -131,15 +132,17 @@ def main() -> None:
               help="per-layer timings cache: 'default' (~/.cache/datd/latency.json or $DATD_CACHE_DIR), 'none' or a path")
 @click.option("--measure-latency/--no-measure-latency", default=DEFAULTS.measure_latency, show_default=True,
               help="with params/macs targets, measure the latency before/after too")
+@click.option("--probe-images", default=DEFAULTS.probe_images, show_default=True,
+              help="images on which the planner measures the real damage of the options it picks (0: off)")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     try:
         config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                                 seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                                 memory_format=memory_format, latency_cache=latency_cache,
-                                measure_latency=measure_latency)
+                                measure_latency=measure_latency, probe_images=probe_images)
         loaded = _load(model_name, weights, **preprocessing)
         _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:

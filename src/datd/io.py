@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import json
 import os
 import tempfile
@@ -119,6 +121,10 @@ def load(directory: str | os.PathLike, base_model: nn.Module, *, inference: bool
         state = load_file(str(weights))
     except SafetensorError as exc:
         raise ValueError(f"cannot read {weights}: {exc}") from exc
+    # safetensors keeps no module versions; some modules check theirs when loading (torchvision's MNASNet):
+    # the base model's own are the right ones, it is the same architecture
+    state = OrderedDict(state)
+    state._metadata = getattr(base_model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         base_model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -33,9 +33,10 @@ from .latency import (
 )
 from .layers import Cost, Geometry, dense_cost, factorize
 from .plan import (
-    METHODS, LatencyBudget, Option, Plan, Target, allocate, check_ranks, factorized_cost, metric_of, rank_ladder,
+    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, factorized_cost, metric_of, rank_ladder,
     ranks_for_fraction,
 )
+from .probe import DamageProbe
 from .sensitivity import Sensitivity, output_sensitivity
 from .stats import Statistics, batch_inputs, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
@@ -78,6 +79,10 @@ class CompressConfig:
     latency_cache: 'default' (``datd.latency.default_cache_path()``), 'none' (in memory) or a JSON path.
     tune_allocator: before measuring latency, call ``datd.latency.tune_allocator()`` (glibc keeps freed
         memory for reuse; without it eager timings depend on the process's history by ±50 %).
+    probe_images: with 'auto' ranks, calibration images on which the damage of each chosen layer option is
+        also measured (``datd.probe``: the KL divergence of the model with that one layer replaced); the
+        planner then corrects its predicted damages by the measured ones and re-plans (0: predictions only).
+    probe_rounds: at most this many measure → correct → re-plan rounds.
     """
 
     target: str = "params=0.5"
@@ -102,6 +107,8 @@ class CompressConfig:
     latency_repeats: int = 15
     latency_cache: str = "default"
     tune_allocator: bool = True
+    probe_images: int = 64
+    probe_rounds: int = 3
 
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
@@ -121,6 +128,8 @@ class CompressConfig:
             raise ValueError(f"rank_multiple must be >= 1 (or 0: automatic), got {self.rank_multiple}")
         if self.memory_format not in ("auto", *MEMORY_FORMATS):
             raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+        if self.probe_images < 0 or self.probe_rounds < 0:
+            raise ValueError("probe_images and probe_rounds must be >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -232,6 +241,10 @@ def compress(
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
     timings["sensitivity"] = time.perf_counter() - tick
 
+    probe, probed = None, {}
+    if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers:
+        probe = DamageProbe(original, calib, config.probe_images, device=device)
+
     timing = None
     if target.metric == "latency" or config.measure_latency:
         tick = time.perf_counter()
@@ -242,6 +255,11 @@ def compress(
     if target.metric == "latency":
         options = _options(layers, config, target, multiple, progress, latency=timing.model)  # type: ignore[union-attr]
         timings["planning"] = time.perf_counter() - tick
+        if probe is not None:
+            tick = time.perf_counter()
+            budget = _latency_budget(layers, options, timing, target).allowed  # type: ignore[arg-type]
+            options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, "latency"), probe, config)
+            timings["damage probes"] = time.perf_counter() - tick
         tick = time.perf_counter()
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
                                                                config.latency_rounds, progress)
@@ -260,7 +278,15 @@ def compress(
                 choice = allocate(options, budget, target.metric)
             except ValueError as exc:
                 raise ValueError(_infeasible(target, total, fixed, options)) from exc
-        timings["planning"] = time.perf_counter() - tick
+            if probe is not None:
+                timings["planning"] = time.perf_counter() - tick
+                tick = time.perf_counter()
+                options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe,
+                                                config)
+                choice = allocate(options, budget, target.metric)
+                timings["damage probes"] = time.perf_counter() - tick
+                tick = time.perf_counter()
+        timings["planning"] = timings.get("planning", 0.0) + time.perf_counter() - tick
         tick = time.perf_counter()
         compressed, entries = _build(original, layers, choice, settings, progress)
         timings["fitting"] = time.perf_counter() - tick
@@ -270,6 +296,8 @@ def compress(
             latency = timing.measure(compressed, timing.forms(layers, choice))
             timings["latency"] = time.perf_counter() - tick
     for name, option in choice.items():
+        if (option.method, option.ranks) in probed.get(name, {}):
+            entries[name]["damage_measured"] = probed[name][option.method, option.ranks]
         if option.method == "dense" and name not in skipped:
             skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
     if timing is not None:
@@ -411,9 +439,8 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     record: the least damaging round that meets the target, else the fastest one — and never a model slower
     than the original (all layers dense then, with a warning)."""
     reference_ns = _ns(timing.reference_seconds)
-    fixed = reference_ns - sum(_ns(timing.model.dense(l.module, l.input_shape)) for l in layers.values())
-    goal = target.fraction * reference_ns
-    budget = LatencyBudget.of(goal, fixed, options)
+    budget = _latency_budget(layers, options, timing, target)
+    goal, fixed = budget.goal, budget.fixed
     history, results = [], []
     for _ in range(rounds):
         choice = allocate(options, budget.allowed, "latency")
@@ -450,6 +477,40 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     measured["rounds"] = history
     measured["target_reached"] = measured["ratio"] <= target.fraction * (1 + LATENCY_TOLERANCE)
     return compressed, entries, choice, measured
+
+
+def _latency_budget(layers: dict[str, _Layer], options: dict[str, list[Option]], timing: _Timing,
+                    target: Target) -> LatencyBudget:
+    """The first round's budget: the target's share of the reference time, less what the layers that are not
+    compressed take (the reference minus the compressible layers' dense timings)."""
+    reference_ns = _ns(timing.reference_seconds)
+    fixed = reference_ns - sum(_ns(timing.model.dense(l.module, l.input_shape)) for l in layers.values())
+    return LatencyBudget.of(target.fraction * reference_ns, fixed, options)
+
+
+def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
+                  choose: Callable[[dict[str, list[Option]]], dict[str, Option]], probe: DamageProbe,
+                  config: CompressConfig) -> tuple[dict[str, list[Option]], dict[str, dict[tuple, float]]]:
+    """Measure the real damage (``DamageProbe``: the lower confidence bound, mean − 2 standard errors, so that
+    the probe images' own noise moves nothing) of every option ``choose`` picks that has not been measured
+    yet, correct each layer's predicted damages by its measurements (``plan.calibrated``) and choose again,
+    ``config.probe_rounds`` times at most or until the choice has been measured entirely. Returns the
+    corrected options and the measurements (layer -> (method, ranks) -> KL)."""
+    settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
+    measured: dict[str, dict[tuple, float]] = {}
+    corrected = options
+    for _ in range(config.probe_rounds):
+        todo = [(n, o) for n, o in choose(corrected).items()
+                if o.method != "dense" and (o.method, o.ranks) not in measured.get(n, {})]
+        if not todo:
+            break
+        for name, option in todo:
+            layer = layers[name]
+            approx = _fit_cached(layer, option.method, option.ranks, settings).reconstruct()
+            bias = layer.problem.corrected_bias(approx, settings.bias_correction)
+            measured.setdefault(name, {})[option.method, option.ranks] = probe.lower_bound(layer.module, approx, bias)
+        corrected = {n: calibrated(opts, measured.get(n, {})) for n, opts in options.items()}
+    return corrected, measured
 
 
 def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:

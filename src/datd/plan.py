@@ -215,6 +215,42 @@ def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]],
         left -= extra
 
 
+MEASURED_RATIO_LIMITS = (1.0, 1e4)  # how far one measurement may move a layer's predicted damages
+
+
+def calibrated(options: list[Option], measured: dict[tuple[str, tuple[int, ...]], float]) -> list[Option]:
+    """One layer's options with their predicted damages corrected by ``measured`` ones ((method, ranks) ->
+    measured damage, e.g. ``datd.probe.DamageProbe``): every option is scaled by the measured / predicted ratio of
+    the measured option of the same method nearest to it in cost (any method when its own has none; a measured
+    option by its own), clamped to ``MEASURED_RATIO_LIMITS``. 'dense' stays 0.
+
+    Corrections only ever raise damages: the second-order prediction fails by underestimating large errors
+    (saturating units, narrow bottlenecks), while a measurement on a few dozen images that comes out below
+    it is as likely noise. Measured on CIFAR ResNet-20 at params=0.25 (no probes: 88.12%): trusting lower
+    measurements too lost 1.2 points, raising on the plain mean 0.65; raising on the lower confidence bound
+    (``DamageProbe.lower_bound``, what the pipeline passes) changed nothing there, and on MobileNetV2 with
+    ImageNet weights it kept 71.8% instead of 69.6% at params=0.7."""
+    if not measured:
+        return options
+    by_key = {(o.method, o.ranks): o for o in options}
+    points = []  # (method, params, ratio)
+    for key, value in measured.items():
+        if key in by_key and by_key[key].damage > 0:
+            low, high = MEASURED_RATIO_LIMITS
+            points.append((key[0], by_key[key].cost.params, min(max(value / by_key[key].damage, low), high)))
+    if not points:
+        return options
+    out = []
+    for o in options:
+        if o.method == "dense":
+            out.append(o)
+            continue
+        same = [p for p in points if p[0] == o.method] or points
+        ratio = min(same, key=lambda p: abs(math.log(max(p[1], 1) / max(o.cost.params, 1))))[2]
+        out.append(dataclasses.replace(o, damage=o.damage * ratio))
+    return out
+
+
 @dataclass(frozen=True)
 class LatencyBudget:
     """What the compressible layers may spend (ns per batch) for a whole-model latency ``goal`` (ns), given

@@ -45,7 +45,8 @@ class LayerStats:
     used to count MACs;
     sigma_pooled: E[x̄ x̄ᵀ] over calls (images) of the mean patch x̄ of one call, averaged over its output
     positions (rows for a Linear), same layout as ``sigma``: the part of Σ that moves all positions of an image
-    together (what a global pooling after the layer sees); None in files written before it existed.
+    together (what a global pooling after the layer sees); None where every image had one position (it is
+    ``sigma`` then) and in files written before it existed.
     """
 
     kind: str
@@ -209,7 +210,7 @@ class _Accumulator:
         dim = module.weight.shape[1] * (module.weight.shape[2] * module.weight.shape[3] if self.kind == "conv2d" else 1)
         self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
-        self.sum_pooled = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
+        self.sum_pooled: Tensor | None = None  # while every call had one position per sample, it equals sum_outer
         self.count = 0
         self.calls = 0  # images (one per sample of each call) behind sum_pooled
         self.input_hw = self.output_hw = (0, 0)
@@ -230,9 +231,9 @@ class _Accumulator:
         else:
             rows = x.reshape(-1, x.shape[-1])
             self.input_hw = self.output_hw = (x[0].numel() // x.shape[-1] if x.dim() > 1 else 1, 1)
-            per_sample = x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1) if x.dim() > 1 else x[None]
-            self.sum_pooled[0] += per_sample.T @ per_sample
-            self.calls += per_sample.shape[0]
+            per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x[None, None]
+            self._pool_from(per_sample.shape[1])
+            self._add_pooled(per_sample.mean(dim=1)[None])
             step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
             for start in range(0, rows.shape[0], step):
                 chunk = rows[start:start + step]
@@ -243,6 +244,7 @@ class _Accumulator:
     def _add_conv(self, cols: Tensor) -> None:
         """cols: (N, G, D, L) float64 patch columns."""
         n, groups, dim, positions = cols.shape
+        self._pool_from(positions)
         if positions >= dim:  # per-image products avoid a transposed copy of the patches
             self.sum_outer += (cols @ cols.transpose(2, 3)).sum(dim=0)
         else:
@@ -250,16 +252,27 @@ class _Accumulator:
             self.sum_outer += rows.transpose(1, 2) @ rows
         self.sum += cols.sum(dim=(0, 3))
         self.count += n * positions
-        pooled = cols.mean(dim=3).transpose(0, 1)  # (G, N, D): each image's mean patch
-        self.sum_pooled += pooled.transpose(1, 2) @ pooled
-        self.calls += n
+        self._add_pooled(cols.mean(dim=3).transpose(0, 1))  # (G, N, D): each image's mean patch
+
+    def _pool_from(self, positions: int) -> None:
+        """Call before adding a call's patches to sum_outer: from the first call with more than one position per
+        image on, sum_pooled is kept apart (until then it equals sum_outer and is not stored)."""
+        if positions > 1 and self.sum_pooled is None:
+            self.sum_pooled = self.sum_outer.clone()
+
+    def _add_pooled(self, pooled: Tensor) -> None:
+        """Add each image's mean patch (G, N, D)."""
+        if self.sum_pooled is not None:
+            self.sum_pooled += pooled.transpose(1, 2) @ pooled
+        self.calls += pooled.shape[1]
 
     def result(self) -> LayerStats:
         if self.count == 0:
             raise ValueError(f"layer '{self.name}' was never called during the calibration forward passes")
-        sigma, mean, pooled = self.sum_outer / self.count, self.sum / self.count, self.sum_pooled / self.calls
+        sigma, mean = self.sum_outer / self.count, self.sum / self.count
+        pooled = None if self.sum_pooled is None else self.sum_pooled / self.calls  # None: every patch is its image's
         if self.sum.shape[0] == 1:
-            sigma, mean, pooled = sigma[0], mean[0], pooled[0]
+            sigma, mean, pooled = sigma[0], mean[0], None if pooled is None else pooled[0]
         groups = self.module.groups if self.kind == "conv2d" else 1
         return LayerStats(
             kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=groups, sigma=sigma, mean=mean,
@@ -267,8 +280,12 @@ class _Accumulator:
         )
 
     def all_reduce(self) -> None:
+        pooled = torch.tensor([float(self.sum_pooled is not None)], device=self.sum.device)
+        dist.all_reduce(pooled, op=dist.ReduceOp.MAX)
+        if pooled.item() and self.sum_pooled is None:  # another rank saw several positions per image
+            self.sum_pooled = self.sum_outer.clone()
         counts = torch.tensor([float(self.count), float(self.calls)], dtype=torch.float64, device=self.sum.device)
-        for t in (self.sum_outer, self.sum, self.sum_pooled, counts):
+        for t in (self.sum_outer, self.sum, counts) + ((self.sum_pooled,) if self.sum_pooled is not None else ()):
             dist.all_reduce(t)
         self.count, self.calls = int(counts[0].item()), int(counts[1].item())
 

@@ -1,0 +1,77 @@
+"""Measured damage (the KL a replaced layer causes) against the planner's second-order prediction, and the
+planner's correction of its predictions by measurements."""
+
+import pytest
+import torch
+from torch import nn
+
+from datd.fitting import LayerProblem, damage
+from datd.layers import Cost, Geometry
+from datd.plan import MEASURED_RATIO_LIMITS, Option, calibrated
+from datd.probe import DamageProbe
+from datd.sensitivity import output_sensitivity
+from datd.stats import collect_stats
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def test_probe_is_zero_for_the_own_weight_and_matches_the_second_order_prediction_for_small_errors():
+    model = _model()
+    for p in model.parameters():
+        p.data *= 3  # confident enough predictions that the Fisher is not flat
+    torch.manual_seed(1)
+    batches = list(torch.randn(1024, 3, 6, 6).split(128))
+    conv = model[2]
+    probe = DamageProbe(model, batches, images=1024)
+    assert probe.images == 1024
+    assert probe(conv, conv.weight.detach(), conv.bias.detach()) == pytest.approx(0.0, abs=1e-12)
+    noisy = conv.weight.detach() * 1.5
+    mean, error = probe.measure(conv, noisy, conv.bias.detach())
+    assert mean > 0 and 0 < error < mean and probe.lower_bound(conv, noisy, conv.bias.detach()) == pytest.approx(
+        mean - 2 * error)
+
+    stats = collect_stats(model, batches, ["2"], progress=False)["2"]
+    sens = output_sensitivity(model, batches, {"2": conv}, progress=False)["2"]
+    g = Geometry.of(conv, stats.input_hw, stats.output_hw)
+    problem = LayerProblem("2", conv.weight.detach().double(), stats.sigma, stats.mean, g, conv.bias.detach().double(),
+                           stats.sigma_pooled)
+    for seed in range(3):
+        torch.manual_seed(10 + seed)
+        approx = problem.weight + 0.02 * problem.weight.norm() * torch.randn_like(problem.weight) / problem.weight.numel() ** 0.5
+        predicted = damage(problem, approx, sens, bias_correction=False)
+        measured = probe(conv, approx, conv.bias.detach())
+        assert 0.6 < measured / predicted < 1.6, (seed, measured, predicted)  # sampled-label Fisher: noisy, unbiased
+    with torch.no_grad():
+        after = model(batches[0])
+    assert torch.equal(after, model(batches[0]))  # the probe leaves the model as it was
+
+
+def test_probe_needs_images():
+    with pytest.raises(ValueError, match="no images"):
+        DamageProbe(_model(), [])
+
+
+def _options() -> list[Option]:
+    cost = lambda p: Cost(p, p)  # noqa: E731
+    return [Option("dense", (), cost(100)), Option("svd", (1,), cost(10), 1.0), Option("svd", (2,), cost(20), 0.5),
+            Option("svd", (4,), cost(60), 0.1), Option("cp", (3,), cost(20), 0.4)]
+
+
+def test_calibrated_takes_measurements_and_scales_the_rest_by_the_nearest_ratio():
+    out = {(o.method, o.ranks): o.damage for o in calibrated(_options(), {("svd", (2,)): 2.0})}
+    assert out[("dense", ())] == 0.0
+    assert out[("svd", (2,))] == pytest.approx(2.0)  # measured
+    assert out[("svd", (1,))] == pytest.approx(4.0) and out[("svd", (4,))] == pytest.approx(0.4)  # ratio 4
+    assert out[("cp", (3,))] == pytest.approx(1.6)  # no cp measurement: the nearest of any method
+    two = {(o.method, o.ranks): o.damage for o in calibrated(_options(), {("svd", (1,)): 3.0, ("svd", (4,)): 1.0})}
+    assert two[("svd", (2,))] == pytest.approx(1.5)  # nearer in cost to rank 1 (ratio 3) than to rank 4 (10)
+    assert two[("svd", (4,))] == pytest.approx(1.0)
+    lower = {(o.method, o.ranks): o.damage for o in calibrated(_options(), {("svd", (2,)): 0.1})}
+    assert lower == {(o.method, o.ranks): o.damage for o in _options()}  # measurements never lower a prediction
+    clamped = {(o.method, o.ranks): o.damage for o in calibrated(_options(), {("svd", (2,)): 1e9})}
+    assert clamped[("svd", (1,))] == pytest.approx(MEASURED_RATIO_LIMITS[1])
+    assert calibrated(_options(), {}) == _options()

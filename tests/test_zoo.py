@@ -1,0 +1,61 @@
+"""The classification zoo end to end: every torchvision family and a dozen timm CNNs (random weights, small
+inputs, few calibration images) compress to params=0.5, reload from disk with identical outputs and export to
+ONNX Runtime with matching outputs. AlexNet and VGG (first classifier layers 9216 and 25088 wide: minutes to
+hours of eigendecompositions on 2 cores) and the larger family members are benchmark material
+(benchmarks/zoo.py), not CI."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import datd
+from datd.models import load_model
+
+pytestmark = pytest.mark.slow
+
+TORCHVISION = {  # one member per family, with the smallest input the architecture takes comfortably
+    "resnet18": 64, "resnext50_32x4d": 64, "regnet_x_400mf": 64, "regnet_y_400mf": 64, "mobilenet_v2": 64,
+    "mobilenet_v3_small": 64, "efficientnet_b0": 64, "shufflenet_v2_x0_5": 64, "mnasnet0_5": 64,
+    "squeezenet1_1": 64, "densenet121": 64, "googlenet": 64, "inception_v3": 96, "convnext_tiny": 64,
+}
+TIMM = {
+    "timm:resnet18d": 64, "timm:efficientnet_b0": 64, "timm:mobilenetv3_small_100": 64, "timm:regnety_002": 64,
+    "timm:ghostnet_100": 64, "timm:mixnet_s": 64, "timm:rexnet_100": 64, "timm:dla34": 64,
+    "timm:convnext_atto": 64, "timm:lcnet_050": 64, "timm:resnest14d": 64, "timm:densenet121": 64,
+}
+AUTO = ["regnet_x_400mf", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_1", "inception_v3", "timm:regnety_002",
+        "timm:resnest14d"]
+FAST = dict(candidates=(0.25, 0.6), candidate_iter=2, max_iter=2, sensitivity_images=8, probe_images=8,
+            probe_rounds=1, measure_latency=False, progress=False)
+
+
+def _cases() -> list:
+    """Every model with the closed-form Σ-SVD (fast: surgery, reload and export of every layer kind), and the
+    smaller ones with the default method 'auto' too (Tucker-2 and CP on grouped, strided and 1×k kernels)."""
+    cases = [pytest.param(name, size, "svd", id=f"{name}-svd") for name, size in {**TORCHVISION, **TIMM}.items()]
+    cases += [pytest.param(name, TORCHVISION.get(name) or TIMM[name], "auto", id=f"{name}-auto") for name in AUTO]
+    return cases
+
+
+@pytest.mark.parametrize("name, size, method", _cases())
+def test_zoo_compresses_reloads_and_exports(name: str, size: int, method: str, tmp_path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        model = load_model(name, "none").model
+        base = load_model(name, "none").model
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, size, size)
+    compressed, report = datd.compress(model, [images[:4], images[4:]], target="params=0.5", method=method, **FAST)
+    assert report["params_ratio"] <= 0.5 + 1e-9
+    assert any("method" in layer for layer in report["layers"])
+    for layer in report["layers"]:
+        if "skipped" in layer:
+            assert layer["skipped"]  # a reason for every layer left alone
+    datd.save(compressed, tmp_path / "model", inference=report["inference"])
+    reloaded = datd.load(tmp_path / "model", base)
+    with torch.no_grad():
+        assert torch.equal(reloaded(images[:2]), compressed(images[:2]))
+    datd.export(compressed, images[:2], tmp_path / "model.onnx", forms=report["inference"]["forms"])
