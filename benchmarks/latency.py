@@ -50,7 +50,7 @@ from datd.stats import batch_inputs
 
 NAME = "latency"
 CIFAR_TARGETS = ["macs=0.5", "latency=0.7", "latency=0.5", "latency=0.35"]
-PARETO_TARGETS = ["latency=0.9", "latency=0.8", "latency=0.7", "latency=0.6", "latency=0.5", "latency=0.4"]
+PARETO_TARGETS = ["latency=0.9", "latency=0.7", "latency=0.5", "latency=0.4"]
 PARETO_METHODS = ["auto", "cp", "tucker2", "svd"]
 IMAGENET_MODELS = {"resnet18": "none", "resnet50": "none", "mobilenet_v2": "models/mobilenet_v2-imagenet-from-int8.safetensors"}
 IMAGENET = "imagefolder:{root}/imagenet-sample/val"
