@@ -1,6 +1,7 @@
 """The command line: help, bad input, and the statistics round trip (fast paths only)."""
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from datd.cli import main
@@ -53,3 +54,59 @@ def test_stats_of_another_model_are_refused(tmp_path):
                      "--stats", str(stats), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "statistics do not match the model" in result.output
     assert not (tmp_path / "out").exists()
+
+
+OWN_NORMALIZATION = """
+    import torch
+    from torch import nn
+    from datd.models import load_model
+
+    MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # what this user's model was trained with
+
+
+    class Renormalized(nn.Module):
+        '''The shipped ResNet-20 behind an input affine: a model that expects CIFAR-10's own mean/std.'''
+
+        def __init__(self):
+            super().__init__()
+            self.net = load_model("cifar_resnet20").model
+            shipped = load_model("cifar_resnet20").preprocessing
+            self.register_buffer("scale", torch.tensor(STD).div(torch.tensor(shipped.std)).view(1, 3, 1, 1))
+            self.register_buffer("shift", torch.tensor(MEAN).sub(torch.tensor(shipped.mean))
+                                 .div(torch.tensor(shipped.std)).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.net(x * self.scale + self.shift)
+
+
+    def make():
+        return Renormalized().eval()
+"""
+
+
+@pytest.mark.slow
+def test_own_normalization_on_the_command_line_matches_the_models_own_evaluation(tmp_path, monkeypatch):
+    import textwrap
+
+    import numpy as np
+
+    from datd.data import data_root
+
+    (tmp_path / "datd_own_norm.py").write_text(textwrap.dedent(OWN_NORMALIZATION))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import datd_own_norm
+
+    # the model's own evaluation script: its normalization, by hand, on the first 500 test images
+    with np.load(data_root() / "cifar10" / "test.npz") as archive:
+        x, y = archive["x"][:500], archive["y"][:500]
+    inputs = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(datd_own_norm.MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(datd_own_norm.STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        own = float((datd_own_norm.make()(inputs).argmax(1).numpy() == y).mean())
+    mean, std = ",".join(map(str, datd_own_norm.MEAN)), ",".join(map(str, datd_own_norm.STD))
+    result = invoke(["eval", "--model", "datd_own_norm:make", "--mean", mean, "--std", std, "--size", "32",
+                     "--data", "cifar10:test", "--limit", "500"])
+    assert result.exit_code == 0, result.output
+    assert f"accuracy  {100 * own:.2f}%" in result.output
+    wrong = invoke(["eval", "--model", "datd_own_norm:make", "--data", "cifar10:test", "--limit", "500"])
+    assert f"accuracy  {100 * own:.2f}%" not in wrong.output  # ImageNet's mean/std at native size: not the same

@@ -7,7 +7,8 @@ import pytest
 
 from datd.layers import Cost, Geometry, dense_cost
 from datd.plan import (
-    LatencyBudget, Option, Plan, Target, allocate, check_ranks, factorized_cost, rank_ladder, ranks_for_fraction,
+    LatencyBudget, Option, Plan, Target, allocate, check_ranks, damage_curve, factorized_cost, rank_ladder,
+    ranks_for_fraction,
 )
 
 
@@ -83,6 +84,16 @@ def test_allocation_meets_budget_and_is_near_optimal(seed):
         chosen = allocate(options, budget, "params")
         assert sum(o.cost.params for o in chosen.values()) <= budget
         assert sum(o.damage for o in chosen.values()) <= 1.25 * brute_force(options, budget) + 1e-9
+
+
+def test_damage_curve_says_what_each_budget_costs():
+    fragile = [Option("dense", (), Cost(100, 0), 0.0), Option("svd", (1,), Cost(50, 0), 100.0)]
+    robust = [Option("dense", (), Cost(100, 0), 0.0), Option("svd", (1,), Cost(50, 0), 1.0)]
+    curve = damage_curve({"fragile": fragile, "robust": robust}, 250, 50, "params", (0.99, 0.8, 0.6, 0.5))
+    assert [c["target"] for c in curve] == ["params=0.99", "params=0.8", "params=0.6", "params=0.5"]
+    # of 250 (50 fixed): 0.99 → 197 for the layers, both dense (200) do not fit: the robust one goes; 0.8 → 150:
+    # still one; 0.6 → 100: both; 0.5 → 75: below the cheapest plan (100)
+    assert [c["damage"] for c in curve] == [1.0, 1.0, 101.0, None]
 
 
 def test_allocation_prefers_the_cheap_damage_and_refuses_the_impossible():

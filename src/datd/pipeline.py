@@ -33,7 +33,7 @@ from .latency import (
 )
 from .layers import Cost, Geometry, dense_cost, factorize
 from .plan import (
-    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, factorized_cost, metric_of, rank_ladder,
+    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, damage_curve, factorized_cost, metric_of, rank_ladder,
     ranks_for_fraction,
 )
 from .probe import DamageProbe
@@ -241,7 +241,7 @@ def compress(
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
     timings["sensitivity"] = time.perf_counter() - tick
 
-    probe, probed = None, {}
+    probe, probed, curve = None, {}, None
     if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers:
         probe = DamageProbe(original, calib, config.probe_images, device=device)
 
@@ -278,15 +278,14 @@ def compress(
                 choice = allocate(options, budget, target.metric)
             except ValueError as exc:
                 raise ValueError(_infeasible(target, total, fixed, options)) from exc
-            if probe is not None:
-                timings["planning"] = time.perf_counter() - tick
-                tick = time.perf_counter()
-                options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe,
-                                                config)
-                choice = allocate(options, budget, target.metric)
-                timings["damage probes"] = time.perf_counter() - tick
-                tick = time.perf_counter()
-        timings["planning"] = timings.get("planning", 0.0) + time.perf_counter() - tick
+        timings["planning"] = time.perf_counter() - tick
+        if probe is not None:  # 'auto' ranks: ``options`` exist
+            tick = time.perf_counter()
+            options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe, config)
+            choice = allocate(options, budget, target.metric)
+            timings["damage probes"] = time.perf_counter() - tick
+        if config.ranks == "auto":
+            curve = damage_curve(options, total, fixed, target.metric, BUDGET_CURVE)
         tick = time.perf_counter()
         compressed, entries = _build(original, layers, choice, settings, progress)
         timings["fitting"] = time.perf_counter() - tick
@@ -305,6 +304,8 @@ def compress(
 
     after = Cost(count_params(compressed), count_macs(compressed, first[:1]))
     report = _report(config, candidates, stats, skipped, entries, before, after, timings, start)
+    if curve is not None:
+        report["budget_curve"] = curve
     report["inference"] = {"memory_format": timing.memory_format if timing else "contiguous",
                            "forms": latency.pop("forms") if latency else {}}
     if latency is not None:
@@ -370,6 +371,9 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
 
 # ----------------------------------------------------------------------------------------------------------
 # latency targets and measurements
+
+
+BUDGET_CURVE = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25)  # whole-model fractions in the report
 
 
 def _ns(seconds: float) -> int:

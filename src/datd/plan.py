@@ -215,6 +215,22 @@ def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]],
         left -= extra
 
 
+def damage_curve(options: dict[str, list[Option]], total: int, fixed: int, metric: str,
+                 fractions: tuple[float, ...]) -> list[dict]:
+    """What each whole-model budget would cost: for every fraction F of ``total`` (the model's params or MACs;
+    ``fixed`` of it outside the options) the predicted damage (nats per image) of the allocation at F, or
+    None where F is below the cheapest plan. Lets a report say which budgets stay harmless."""
+    cheapest = fixed + sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
+    curve = []
+    for fraction in fractions:
+        budget = int(fraction * total) - fixed
+        damage = None
+        if fixed + budget >= cheapest:
+            damage = sum(o.damage for o in allocate(options, budget, metric).values())
+        curve.append({"target": f"{metric}={fraction:g}", "damage": damage})
+    return curve
+
+
 MEASURED_RATIO_LIMITS = (1.0, 1e4)  # how far one measurement may move a layer's predicted damages
 
 

@@ -31,6 +31,7 @@ def markdown(report: dict) -> str:
         f"- MACs per image: {report['macs_before']:,} → {report['macs_after']:,} ({report['macs_ratio']:.3f})",
         *_latency_lines(report),
         f"- time: {report['seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings"].items()) + ")",
+        *_curve_lines(report),
         "",
         "| layer | shape | method | ranks | form | params | MACs | Σ-error | note |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -46,6 +47,19 @@ def markdown(report: dict) -> str:
             lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | "
                          f"{forms.get(layer['name'], 'chain')} | {params} | {macs} | {layer['sigma_error']:.4f} | |")
     return "\n".join(lines) + "\n"
+
+
+def _curve_lines(report: dict) -> list[str]:
+    """One line: the plan's predicted damage at other budgets of the same metric (what is reachable)."""
+    curve = report.get("budget_curve")
+    if not curve:
+        return []
+
+    def point(c: dict) -> str:
+        return f"{c['target'].split('=')[1]}: " + ("unreachable" if c["damage"] is None else f"{c['damage']:.3g}")
+
+    return [f"- predicted damage (nats per image, corrected by the probes) at other {curve[0]['target'].split('=')[0]} "
+            f"budgets: " + ", ".join(point(c) for c in curve)]
 
 
 def _latency_lines(report: dict) -> list[str]:
