@@ -191,3 +191,33 @@ def test_a_latency_target_never_returns_a_slower_model(setup, monkeypatch):
     assert not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
     assert torch.equal(compressed(calib[0]), model(calib[0]))
     assert report["latency"]["target_reached"] is False and report["params_after"] == report["params_before"]
+
+
+class _Branchy(nn.Module):
+    """One conv used twice per forward pass, one never used on these inputs (only for 2-channel images)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(3, 24, 3, padding=1)
+        self.mix = nn.Conv2d(24, 3, 1)
+        self.gray_only = nn.Conv2d(2, 24, 3, padding=1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = self.shared(x) if x.shape[1] == 3 else self.gray_only(x)
+        h = self.shared(torch.relu(self.mix(torch.relu(h))))  # the second call of 'shared'
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def test_layers_called_twice_are_pooled_and_layers_never_called_are_skipped_with_the_reason():
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    x = torch.randn(32, 3, 8, 8)
+    with pytest.raises(ValueError, match="'gray_only' was never called"):
+        datd.collect_stats(model, [x], progress=False)
+    stats = datd.collect_stats(model, [x], progress=False, uncalled="skip")
+    assert "gray_only" not in stats and stats["shared"].count == 2 * 32 * 64  # both calls pooled
+    compressed, report = datd.compress(model, [x[:16], x[16:]], target="params=0.7", min_params=100, **FAST)
+    entry = next(l for l in report["layers"] if l["name"] == "gray_only")
+    assert entry["skipped"].startswith("never called")
+    assert report["params_ratio"] <= 0.7

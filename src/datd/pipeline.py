@@ -213,7 +213,10 @@ def compress(
 
     tick = time.perf_counter()
     if stats is None:
-        stats = collect_stats(original, calib, wanted, device=device, progress=progress)
+        stats = collect_stats(original, calib, wanted, device=device, progress=progress, uncalled="skip")
+        for name in [n for n in wanted if n not in stats]:
+            skipped[name] = "never called on the calibration data (no statistics)"
+        wanted = [n for n in wanted if n in stats]
     else:
         stats.check(original, required=wanted)
     timings["statistics"] = time.perf_counter() - tick

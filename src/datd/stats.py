@@ -313,10 +313,15 @@ def collect_stats(
     device: str | torch.device | None = None,
     description: str = "",
     progress: bool = True,
+    uncalled: str = "raise",
 ) -> Statistics:
     """Run ``model`` (in eval mode) on ``batches`` (a DataLoader or any iterable of input tensors or
     (input, label) pairs) and return the input statistics of every Conv2d/Linear (or the chosen
-    ``layers``: names or a ``filter(module, name)``). ``device`` defaults to the model's device."""
+    ``layers``: names or a ``filter(module, name)``). ``device`` defaults to the model's device. A layer
+    called several times per forward pass has its statistics pooled over the calls; one never called
+    raises a ValueError naming it (``uncalled='raise'``) or is left out (``uncalled='skip'``)."""
+    if uncalled not in ("raise", "skip"):
+        raise ValueError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
     chosen = select_layers(model, layers)
     if not chosen:
         raise ValueError("no Conv2d or Linear layer selected")
@@ -346,4 +351,5 @@ def collect_stats(
         num_images = int(total_images.item())
         for acc in accumulators.values():
             acc.all_reduce()
-    return Statistics({n: a.result() for n, a in accumulators.items()}, num_images, description)
+    return Statistics({n: a.result() for n, a in accumulators.items() if a.count or uncalled == "raise"}, num_images,
+                      description)
