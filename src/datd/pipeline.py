@@ -33,8 +33,8 @@ from .latency import (
 )
 from .layers import Cost, Geometry, dense_cost, factorize
 from .plan import (
-    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, damage_curve, factorized_cost, metric_of, rank_ladder,
-    ranks_for_fraction,
+    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, damage_curve, factorized_cost,
+    metric_of, rank_ladder, ranks_for_fraction,
 )
 from .probe import DamageProbe
 from .sensitivity import Sensitivity, output_sensitivity
