@@ -92,11 +92,16 @@ def _geometry(conv: nn.Conv2d) -> dict:
     return {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "padding_mode": conv.padding_mode}
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """One input channel per group: nothing to factorize."""
+    return conv.groups > 1 and conv.in_channels // conv.groups == 1
+
+
 def _check_conv(conv: nn.Module) -> int:
     """The groups of ``conv`` (a Conv2d that is not depthwise)."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
-    if conv.groups > 1 and conv.in_channels // conv.groups == 1:
+    if is_depthwise(conv):
         raise ValueError(f"depthwise convolutions (groups={conv.groups}) are not factorized")
     return conv.groups
 

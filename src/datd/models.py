@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .data import Preprocessing, data_root
+from .data import INTERPOLATIONS, Preprocessing, data_root
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -250,7 +250,7 @@ def _load_timm(name: str, weights: str | None) -> LoadedModel:
     preprocessing = Preprocessing(
         mean=tuple(config["mean"]), std=tuple(config["std"]), size=size,  # type: ignore[arg-type]
         resize=max(size, int(size / crop)) if config.get("crop_mode", "center") == "center" else None,
-        interpolation=interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bilinear",
     )
     num_classes = getattr(model, "num_classes", 0) or _num_classes(model, name)
     return LoadedModel(model, name, weights, preprocessing, num_classes=num_classes)

@@ -138,6 +138,11 @@ class CompressConfig:
     def settings(self) -> FitSettings:
         return FitSettings(self.norm, self.bias_correction, self.sigma_reg, self.max_iter, self.tol, self.seed)
 
+    @property
+    def candidate_settings(self) -> FitSettings:
+        """The settings of planning fits: ``candidate_iter`` sweeps at most."""
+        return dataclasses.replace(self.settings, max_iter=self.candidate_iter)
+
 
 @dataclass
 class _Layer:
@@ -288,7 +293,7 @@ def compress(
             choice = allocate(options, budget, target.metric)
             timings["damage probes"] = time.perf_counter() - tick
         if config.ranks == "auto":
-            curve = damage_curve(options, total, fixed, target.metric, BUDGET_CURVE)
+            curve = damage_curve(options, total, fixed, target.metric)
         tick = time.perf_counter()
         compressed, entries = _build(original, layers, choice, settings, progress)
         timings["fitting"] = time.perf_counter() - tick
@@ -374,9 +379,6 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
 
 # ----------------------------------------------------------------------------------------------------------
 # latency targets and measurements
-
-
-BUDGET_CURVE = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25)  # whole-model fractions in the report
 
 
 def _ns(seconds: float) -> int:
@@ -503,7 +505,7 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
     yet, correct each layer's predicted damages by its measurements (``plan.calibrated``) and choose again,
     ``config.probe_rounds`` times at most or until the choice has been measured entirely. Returns the
     corrected options and the measurements (layer -> (method, ranks) -> KL)."""
-    settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
+    settings = config.candidate_settings
     measured: dict[str, dict[tuple, float]] = {}
     corrected = options
     for _ in range(config.probe_rounds):
@@ -544,7 +546,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
     With ``latency`` (latency targets) each option's cost carries its measured latency, and only ranks that
     run at least ``LATENCY_MIN_GAIN`` faster than the dense layer at its own shape are considered (and
     fitted): the largest of them becomes an anchor too, so that the options reach it."""
-    settings = dataclasses.replace(config.settings, max_iter=config.candidate_iter)
+    settings = config.candidate_settings
     metric = "macs" if target.metric == "latency" else target.metric
     options: dict[str, list[Option]] = {}
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):

@@ -215,18 +215,20 @@ def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]],
         left -= extra
 
 
+CURVE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25)  # the budgets a report shows
+
+
 def damage_curve(options: dict[str, list[Option]], total: int, fixed: int, metric: str,
-                 fractions: tuple[float, ...]) -> list[dict]:
+                 fractions: tuple[float, ...] = CURVE_FRACTIONS) -> list[dict]:
     """What each whole-model budget would cost: for every fraction F of ``total`` (the model's params or MACs;
     ``fixed`` of it outside the options) the predicted damage (nats per image) of the allocation at F, or
     None where F is below the cheapest plan. Lets a report say which budgets stay harmless."""
-    cheapest = fixed + sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
     curve = []
     for fraction in fractions:
-        budget = int(fraction * total) - fixed
-        damage = None
-        if fixed + budget >= cheapest:
-            damage = sum(o.damage for o in allocate(options, budget, metric).values())
+        try:
+            damage = sum(o.damage for o in allocate(options, int(fraction * total) - fixed, metric).values())
+        except ValueError:  # below the cheapest plan
+            damage = None
         curve.append({"target": f"{metric}={fraction:g}", "damage": damage})
     return curve
 
@@ -249,10 +251,10 @@ def calibrated(options: list[Option], measured: dict[tuple[str, tuple[int, ...]]
     if not measured:
         return options
     by_key = {(o.method, o.ranks): o for o in options}
+    low, high = MEASURED_RATIO_LIMITS
     points = []  # (method, params, ratio)
     for key, value in measured.items():
         if key in by_key and by_key[key].damage > 0:
-            low, high = MEASURED_RATIO_LIMITS
             points.append((key[0], by_key[key].cost.params, min(max(value / by_key[key].damage, low), high)))
     if not points:
         return options

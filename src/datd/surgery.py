@@ -7,7 +7,7 @@ from typing import Callable
 from torch import nn
 
 from . import layers as factorized
-from .layers import SUPPORTED
+from .layers import SUPPORTED, is_depthwise
 
 LayerFilter = Callable[[nn.Module, str], bool]
 
@@ -32,7 +32,7 @@ def skip_reason(module: nn.Module, min_params: int) -> str | None:
     if not isinstance(module, SUPPORTED):
         return f"unsupported layer type {type(module).__name__}"
     if isinstance(module, nn.Conv2d):
-        if module.groups > 1 and module.in_channels // module.groups == 1:
+        if is_depthwise(module):
             return "depthwise convolution (one input channel per group: nothing to factorize)"
     if module.weight.numel() < min_params:
         return f"too small ({module.weight.numel()} weights < {min_params})"

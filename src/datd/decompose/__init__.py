@@ -9,6 +9,6 @@ from .svd import DEFAULT_SIGMA_REG, LowRank, spectrum, svd
 from .tucker2 import Tucker2, tucker2
 
 __all__ = [
-    "CP", "DEFAULT_SIGMA_REG", "Decomposition", "Grouped", "LowRank", "Tucker2", "cp", "khatri_rao", "parts", "spectrum", "svd",
-    "tucker2",
+    "CP", "DEFAULT_SIGMA_REG", "Decomposition", "Grouped", "LowRank", "Tucker2", "cp", "khatri_rao", "parts", "spectrum",
+    "svd", "tucker2",
 ]
