@@ -15,7 +15,8 @@ def test_help_documents_every_option():
     out = invoke(["compress", "--help"]).output
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
                    "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
-                   "--memory-format", "--latency-cache", "--measure-latency"):
+                   "--memory-format", "--latency-cache", "--measure-latency", "--probe-images", "--shrinkage",
+                   "--propagate"):
         assert option in out
     assert "latency=F" in out
     for command in ("compress", "stats", "eval", "export", "demo"):
@@ -38,6 +39,7 @@ def test_help_documents_every_option():
     (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--target", "latency=0.5", "--ranks", "uniform"],
      "latency target needs ranks='auto'"),
     (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--rank-multiple", "-2"], "rank_multiple"),
+    (["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--shrinkage", "lots"], "shrinkage must be"),
     (["export", "no-such-dir", "--out", "m.onnx"], "no-such-dir"),
 ])
 def test_bad_input_exits_with_a_clear_message(args, message):

@@ -69,6 +69,13 @@ def test_conv_sigma_equals_brute_force_im2col(name):
     with torch.no_grad():
         out = conv(images)
     assert stats.output_hw == tuple(out.shape[2:]) and stats.input_hw == (9, 8)
+    # the cross-validation fold: the even-numbered images, counted across batches (2 + 3 images: 0, 2, 4)
+    sigma_a, mean_a, count_a, _ = brute_force_sigma(conv, images[0::2])
+    if conv.groups == 1:
+        sigma_a, mean_a = sigma_a[0], mean_a[0]
+    assert stats.count_half == count_a
+    assert torch.allclose(stats.sigma_half, sigma_a, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stats.mean_half, mean_a, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_on_3d_input_uses_every_row():
@@ -82,6 +89,10 @@ def test_linear_on_3d_input_uses_every_row():
     assert torch.allclose(stats.mean, rows.mean(0), atol=1e-6)
     per_sample = x.double().mean(dim=1)
     assert torch.allclose(stats.sigma_pooled, per_sample.T @ per_sample / 4, atol=1e-6)
+    even = x[0::2].reshape(-1, 6).double()  # samples 0 and 2 (the second batch starts at an odd number)
+    assert stats.count_half == 14
+    assert torch.allclose(stats.sigma_half, even.T @ even / 14, atol=1e-6)
+    assert torch.allclose(stats.mean_half, even.mean(0), atol=1e-6)
 
 
 def test_chunking_and_batching_do_not_change_sigma(monkeypatch):
@@ -95,6 +106,8 @@ def test_chunking_and_batching_do_not_change_sigma(monkeypatch):
     for name in whole:
         assert whole[name].count == pieces[name].count
         assert torch.allclose(whole[name].sigma, pieces[name].sigma, rtol=1e-6, atol=1e-8)
+        assert whole[name].count_half == pieces[name].count_half
+        assert torch.allclose(whole[name].sigma_half, pieces[name].sigma_half, rtol=1e-6, atol=1e-8)
         if name == "4":  # the Linear sees one position per image: its pooled moment is Σ itself, not stored
             assert whole[name].sigma_pooled is None and pieces[name].sigma_pooled is None
         else:
@@ -124,6 +137,8 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
     for name in stats:
         assert torch.equal(loaded[name].sigma, stats[name].sigma)
         assert torch.equal(loaded[name].sigma_pooled, stats[name].sigma_pooled)
+        assert torch.equal(loaded[name].sigma_half, stats[name].sigma_half)
+        assert torch.equal(loaded[name].mean_half, stats[name].mean_half)
         assert loaded[name].meta() == stats[name].meta()
     other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(ValueError, match="layer '2'"):

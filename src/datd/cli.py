@@ -134,15 +134,23 @@ def main() -> None:
               help="with params/macs targets, measure the latency before/after too")
 @click.option("--probe-images", default=DEFAULTS.probe_images, show_default=True,
               help="images on which the planner measures the real damage of the options it picks (0: off)")
+@click.option("--shrinkage", default=DEFAULTS.shrinkage, show_default=True,
+              help="trust in each layer's Σ: cv (shrinkage towards the identity chosen per layer by two-fold "
+                   "cross-validation over the calibration images) or a fixed α in [0, 1] (0: the sample Σ)")
+@click.option("--propagate/--no-propagate", default=DEFAULTS.propagate, show_default=True,
+              help="fit each layer to the inputs it receives from the already compressed layers before it "
+                   "(one extra pass over the calibration images per layer)")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate,
+                     **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     try:
         config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                                 seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                                 memory_format=memory_format, latency_cache=latency_cache,
-                                measure_latency=measure_latency, probe_images=probe_images)
+                                measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
+                                propagate=propagate)
         loaded = _load(model_name, weights, **preprocessing)
         _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:

@@ -150,7 +150,8 @@ def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias
 
 
 def relative_sigma_error(problem: LayerProblem, approx: Tensor) -> float:
-    """‖(W − W̃) Σ^{1/2}‖ / ‖W Σ^{1/2}‖ with the raw Σ (the paper's per-layer error; over all groups)."""
+    """‖(W − W̃) Σ^{1/2}‖ / ‖W Σ^{1/2}‖ with the problem's uncentered Σ (the paper's per-layer error, in Σ as
+    shrunk by ``datd.shrinkage`` where it is; over all groups)."""
     one = torch.ones((), dtype=torch.float64)
     parts = [(problem.group(g), a) for g, a in enumerate(problem.split(approx))]
     error = sum(float(_quadratic(p, a, one, p.sigma).sum()) for p, a in parts)

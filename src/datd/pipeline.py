@@ -2,8 +2,10 @@
 
 Each stage has plain inputs and outputs so it can be run, saved and resumed on its own: statistics are a
 file (``Statistics``), a plan is JSON (``Plan``), fits are ``Decomposition``s, the result is a model plus a
-report dict. Fitting a layer needs only its own weight and statistics, so a later sequential mode can
-recollect statistics on the partially compressed model between fits without changing the other stages.
+report dict. Fitting a layer needs only its own weight and statistics; with ``propagate`` the fits run in call
+order on statistics recollected from the partially compressed model (``datd.propagate``), the other stages
+unchanged. Each layer's Σ is shrunk as far as cross-validation over the calibration images says
+(``datd.shrinkage``) before any fit or prediction.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from .plan import (
     metric_of, rank_ladder, ranks_for_fraction,
 )
 from .probe import DamageProbe
+from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
 from .sensitivity import Sensitivity, output_sensitivity
+from .shrinkage import ShrinkageChoice, layer_alpha, shrink
 from .stats import Statistics, batch_inputs, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
@@ -83,6 +87,13 @@ class CompressConfig:
         also measured (``datd.probe``: the KL divergence of the model with that one layer replaced); the
         planner then corrects its predicted damages by the measured ones and re-plans (0: predictions only).
     probe_rounds: at most this many measure → correct → re-plan rounds.
+    shrinkage: how far each layer's Σ is trusted: 'cv' (per layer, the shrinkage towards the identity with the
+        least two-fold cross-validated error over the calibration images, ``datd.shrinkage``) or a fixed α in
+        [0, 1] ('0': the sample Σ as it is; '1': the Frobenius norm with bias correction).
+    propagate: fit the chosen layers in call order, each to reproduce the original layer's outputs from the
+        inputs it receives in the model compressed so far (``datd.propagate``; one paired forward pass over the
+        calibration images per ``propagate_group`` layers). The plan is unchanged: same ranks, same cost.
+    propagate_ridge: regularization of the corrected weights towards the original ones, relative to Σ̃'s scale.
     """
 
     target: str = "params=0.5"
@@ -109,6 +120,10 @@ class CompressConfig:
     tune_allocator: bool = True
     probe_images: int = 64
     probe_rounds: int = 3
+    shrinkage: str = "cv"
+    propagate: bool = False
+    propagate_group: int = 1
+    propagate_ridge: float = DEFAULT_RIDGE
 
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
@@ -130,6 +145,16 @@ class CompressConfig:
             raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
         if self.probe_images < 0 or self.probe_rounds < 0:
             raise ValueError("probe_images and probe_rounds must be >= 0")
+        self.shrinkage = str(self.shrinkage)
+        if self.shrinkage != "cv":
+            try:
+                alpha = float(self.shrinkage)
+            except ValueError:
+                alpha = -1.0
+            if not 0 <= alpha <= 1:
+                raise ValueError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
+        if self.propagate_group < 1 or self.propagate_ridge < 0:
+            raise ValueError("propagate_group must be >= 1 and propagate_ridge >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -150,6 +175,7 @@ class _Layer:
     module: nn.Module
     methods: tuple[str, ...]
     sensitivity: Sensitivity  # per-output-channel weights of the damage (ones unless measured)
+    shrinkage: ShrinkageChoice = field(default_factory=ShrinkageChoice)  # the α applied to the layer's Σ
     fits: dict[tuple[str, tuple[int, ...], FitSettings], Decomposition] = field(default_factory=dict)
 
     @property
@@ -237,7 +263,7 @@ def compress(
             continue
         layers[name] = _make_layer(name, candidates[name], stats, config)
         if fit_cache is not None:
-            layers[name].fits = fit_cache.setdefault(name, {})
+            layers[name].fits = fit_cache.setdefault((name, layers[name].shrinkage.alpha), {})
 
     tick = time.perf_counter()
     if config.ranks == "auto" and config.sensitivity and layers:
@@ -272,6 +298,10 @@ def compress(
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
                                                                config.latency_rounds, progress)
         timings["fitting and latency rounds"] = time.perf_counter() - tick
+        if config.propagate and entries:  # same structure, so the measured latency stands
+            tick = time.perf_counter()
+            compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress)
+            timings["propagated fitting"] = time.perf_counter() - tick
     else:
         total = metric_of(before, target.metric)
         fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
@@ -295,7 +325,10 @@ def compress(
         if config.ranks == "auto":
             curve = damage_curve(options, total, fixed, target.metric)
         tick = time.perf_counter()
-        compressed, entries = _build(original, layers, choice, settings, progress)
+        if config.propagate:
+            compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress)
+        else:
+            compressed, entries = _build(original, layers, choice, settings, progress)
         timings["fitting"] = time.perf_counter() - tick
         latency = None
         if timing is not None:
@@ -338,43 +371,92 @@ def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Opt
     entries = {}
     for name, layer in tqdm(layers.items(), desc="fit", unit="layer", disable=not progress, leave=False):
         option = choice[name]
-        if option.method == "dense":
-            continue
-        decomposition = _fit_cached(layer, option.method, option.ranks, settings)
-        approx = decomposition.reconstruct()
-        bias = layer.problem.corrected_bias(approx, settings.bias_correction)
-        module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
-        replace_module(compressed, name, module)
-        out_err = output_errors(layer.problem, approx, settings.bias_correction).sum()
-        w = layer.problem.matrix
-        entries[name] = {
-            "method": option.method, "ranks": list(option.ranks),
-            "cost": factorized_cost(option.method, layer.geometry, option.ranks),
-            "sigma_error": relative_sigma_error(layer.problem, approx),
-            "output_error": float(torch.sqrt(out_err / ((w @ layer.problem.sigma) * w).sum())),
-            "damage": damage(layer.problem, approx, layer.sensitivity, settings.bias_correction),
-            "sweeps": len(decomposition.history) - 1,
-            "bias": bias is not None,
-        }
-        if option.cost.latency:
-            entries[name]["latency_predicted_s"] = option.cost.latency * 1e-9
+        if option.method != "dense":
+            decomposition = _fit_cached(layer, option.method, option.ranks, settings)
+            entries[name] = _install(compressed, name, layer, layer.problem, decomposition, option, settings)
     return compressed, entries
+
+
+def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Option],
+                      settings: FitSettings, calib: Iterable, first: Tensor, config: CompressConfig,
+                      progress: bool) -> tuple[nn.Module, dict[str, dict]]:
+    """``_build`` with error-compensating fits (``datd.propagate``): the chosen layers in the order of their
+    first call, ``config.propagate_group`` at a time, each fitted to reproduce the original layer's outputs
+    from the inputs it receives in the model compressed so far."""
+    compressed = copy.deepcopy(original)
+    entries: dict[str, dict] = {}
+    chosen = [n for n, o in choice.items() if o.method != "dense"]
+    if not chosen:
+        return compressed, entries
+    order, calls = call_order(original, chosen, first)
+    order += [n for n in chosen if n not in calls]  # never called on the example: fitted alone, last
+    inputs = BatchCache(calib, first.device)
+    bar = tqdm(total=len(order), desc="fit (propagated)", unit="layer", disable=not progress, leave=False)
+    for start in range(0, len(order), config.propagate_group):
+        group = [n for n in order[start:start + config.propagate_group] if n in calls]
+        paired = paired_statistics(original, compressed, group, calls, inputs) if group else {}
+        for name in order[start:start + config.propagate_group]:
+            layer, option = layers[name], choice[name]
+            problem = layer.problem
+            if name in paired:
+                problem = corrected_problem(problem, paired[name], settings.bias_correction, config.propagate_ridge,
+                                            layer.shrinkage.alpha)
+            decomposition = fit(problem, option.method, option.ranks, settings)
+            entries[name] = _install(compressed, name, layer, problem, decomposition, option, settings)
+            entries[name]["propagated"] = name in paired
+            bar.update()
+    bar.close()
+    return compressed, entries
+
+
+def _install(compressed: nn.Module, name: str, layer: _Layer, problem: LayerProblem, decomposition: Decomposition,
+             option: Option, settings: FitSettings) -> dict:
+    """Swap the factorized ``decomposition`` of ``problem`` (the layer's own, or its propagated one) into
+    ``compressed`` at ``name``; return the layer's report entry (errors measured in ``problem``'s statistics)."""
+    approx = decomposition.reconstruct()
+    bias = problem.corrected_bias(approx, settings.bias_correction)
+    module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
+    replace_module(compressed, name, module)
+    out_err = output_errors(problem, approx, settings.bias_correction).sum()
+    w = problem.matrix
+    entry = {
+        "method": option.method, "ranks": list(option.ranks),
+        "cost": factorized_cost(option.method, layer.geometry, option.ranks),
+        "sigma_error": relative_sigma_error(problem, approx),
+        "output_error": float(torch.sqrt(out_err / ((w @ problem.sigma) * w).sum())),
+        "damage": damage(problem, approx, layer.sensitivity, settings.bias_correction),
+        "sweeps": len(decomposition.history) - 1,
+        "bias": bias is not None,
+        "shrinkage": layer.shrinkage.alpha,
+    }
+    if option.cost.latency:
+        entry["latency_predicted_s"] = option.cost.latency * 1e-9
+    return entry
 
 
 def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig) -> _Layer:
     s = stats[name]
     geometry = Geometry.of(module, s.input_hw, s.output_hw, add_bias=config.bias_correction)
     device = module.weight.device
-    problem = LayerProblem(name, module.weight.detach().double(), s.sigma.to(device), s.mean.to(device), geometry,
-                           None if module.bias is None else module.bias.detach().double(),
-                           None if s.sigma_pooled is None else s.sigma_pooled.to(device))
+    if config.norm == "frobenius":
+        choice = ShrinkageChoice()  # the norm ignores Σ (but for the bias correction's mean)
+    elif config.shrinkage == "cv":
+        choice = layer_alpha(s, module.weight, config.bias_correction)
+    else:
+        choice = ShrinkageChoice(float(config.shrinkage))
+    mean = s.mean.to(device)
+    center = mean[..., :, None] * mean[..., None, :] if config.bias_correction else None
+    alpha = choice.alpha
+    problem = LayerProblem(name, module.weight.detach().double(), shrink(s.sigma.to(device), alpha, center), mean,
+                           geometry, None if module.bias is None else module.bias.detach().double(),
+                           None if s.sigma_pooled is None else shrink(s.sigma_pooled.to(device), alpha, center))
     if isinstance(module, nn.Linear) or geometry.kernel_positions == 1:
         methods: tuple[str, ...] = ("svd",)
     elif config.method == "auto" or config.ranks not in RANK_MODES:  # a plan file names its own methods
         methods = METHODS
     else:
         methods = (config.method,)
-    return _Layer(problem, module, methods, Sensitivity.uniform(module.weight.shape[0], device))
+    return _Layer(problem, module, methods, Sensitivity.uniform(module.weight.shape[0], device), choice)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,8 +44,11 @@ def markdown(report: dict) -> str:
         if "skipped" in layer:
             lines.append(f"| {layer['name']} | {shape} | — | — | — | {params} | {macs} | — | {layer['skipped']} |")
         else:
+            notes = [f"Σ shrunk by α = {layer['shrinkage']:g}"] if layer.get("shrinkage") else []
+            notes += ["propagated fit"] if layer.get("propagated") else []
             lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | "
-                         f"{forms.get(layer['name'], 'chain')} | {params} | {macs} | {layer['sigma_error']:.4f} | |")
+                         f"{forms.get(layer['name'], 'chain')} | {params} | {macs} | {layer['sigma_error']:.4f} | "
+                         f"{'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,9 @@ class LayerStats:
     positions (rows for a Linear), same layout as ``sigma``: the part of Σ that moves all positions of an image
     together (what a global pooling after the layer sees); None where every image had one position (it is
     ``sigma`` then) and in files written before it existed.
+    sigma_half / mean_half / count_half: the same moments over the even-numbered images only (one fold of a
+    two-fold split by image, for cross-validating how far Σ can be trusted: ``datd.shrinkage``); None in files
+    written before they existed.
     """
 
     kind: str
@@ -58,6 +61,9 @@ class LayerStats:
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
     sigma_pooled: Tensor | None = None
+    sigma_half: Tensor | None = None
+    mean_half: Tensor | None = None
+    count_half: int = 0
 
     def covariance(self) -> Tensor:
         """Σ − μμᵀ, the centered second moment (same layout as ``sigma``)."""
@@ -67,6 +73,7 @@ class LayerStats:
         return {
             "kind": self.kind, "weight_shape": list(self.weight_shape), "groups": self.groups,
             "count": self.count, "input_hw": list(self.input_hw), "output_hw": list(self.output_hw),
+            "count_half": self.count_half,
         }
 
 
@@ -89,8 +96,9 @@ class Statistics(dict[str, LayerStats]):
         for name, s in self.items():
             tensors[f"{name}.sigma"] = s.sigma.detach().cpu().contiguous()
             tensors[f"{name}.mean"] = s.mean.detach().cpu().contiguous()
-            if s.sigma_pooled is not None:
-                tensors[f"{name}.sigma_pooled"] = s.sigma_pooled.detach().cpu().contiguous()
+            for key in ("sigma_pooled", "sigma_half", "mean_half"):
+                if getattr(s, key) is not None:
+                    tensors[f"{name}.{key}"] = getattr(s, key).detach().cpu().contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"datd": json.dumps(meta)})
 
@@ -110,12 +118,13 @@ class Statistics(dict[str, LayerStats]):
                 layers = {}
                 keys = set(f.keys())
                 for name, m in meta["layers"].items():
-                    pooled = f"{name}.sigma_pooled"
+                    optional = {key: f.get_tensor(f"{name}.{key}") if f"{name}.{key}" in keys else None
+                                for key in ("sigma_pooled", "sigma_half", "mean_half")}
                     layers[name] = LayerStats(
                         kind=m["kind"], weight_shape=tuple(m["weight_shape"]), groups=m["groups"],
                         sigma=f.get_tensor(f"{name}.sigma"), mean=f.get_tensor(f"{name}.mean"),
                         count=m["count"], input_hw=tuple(m["input_hw"]), output_hw=tuple(m["output_hw"]),
-                        sigma_pooled=f.get_tensor(pooled) if pooled in keys else None,
+                        count_half=m.get("count_half", 0), **optional,
                     )
         except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
             raise ValueError(f"cannot read statistics from {path}: {exc}") from exc
@@ -211,6 +220,9 @@ class _Accumulator:
         self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
         self.sum_pooled: Tensor | None = None  # while every call had one position per sample, it equals sum_outer
+        self.sum_outer_half = torch.zeros_like(self.sum_outer)  # even-numbered images (samples) only
+        self.sum_half = torch.zeros_like(self.sum)
+        self.count_half = 0
         self.count = 0
         self.calls = 0  # images (one per sample of each call) behind sum_pooled
         self.input_hw = self.output_hw = (0, 0)
@@ -233,24 +245,43 @@ class _Accumulator:
             self.input_hw = self.output_hw = (x[0].numel() // x.shape[-1] if x.dim() > 1 else 1, 1)
             per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x[None, None]
             self._pool_from(per_sample.shape[1])
+            first = self.calls % 2  # index in this call of its first even-numbered sample
             self._add_pooled(per_sample.mean(dim=1)[None])
             step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
-            for start in range(0, rows.shape[0], step):
-                chunk = rows[start:start + step]
-                self.sum_outer[0] += chunk.T @ chunk
-                self.sum[0] += chunk.sum(dim=0)
-                self.count += chunk.shape[0]
+            for even, part in ((True, per_sample[first::2]), (False, per_sample[1 - first::2])):
+                part_rows = part.reshape(-1, rows.shape[1])
+                for start in range(0, part_rows.shape[0], step):
+                    chunk = part_rows[start:start + step]
+                    outer, total = chunk.T @ chunk, chunk.sum(dim=0)
+                    self.sum_outer[0] += outer
+                    self.sum[0] += total
+                    self.count += chunk.shape[0]
+                    if even:
+                        self.sum_outer_half[0] += outer
+                        self.sum_half[0] += total
+                        self.count_half += chunk.shape[0]
 
     def _add_conv(self, cols: Tensor) -> None:
         """cols: (N, G, D, L) float64 patch columns."""
         n, groups, dim, positions = cols.shape
         self._pool_from(positions)
-        if positions >= dim:  # per-image products avoid a transposed copy of the patches
-            self.sum_outer += (cols @ cols.transpose(2, 3)).sum(dim=0)
-        else:
-            rows = cols.permute(1, 0, 3, 2).reshape(groups, n * positions, dim)
-            self.sum_outer += rows.transpose(1, 2) @ rows
-        self.sum += cols.sum(dim=(0, 3))
+        first = self.calls % 2  # index in this chunk of its first even-numbered image
+        for even in (True, False):
+            part = cols[(first if even else 1 - first)::2]
+            if part.shape[0] == 0:
+                continue
+            if positions >= dim:  # per-image products avoid a transposed copy of the patches
+                outer = (part @ part.transpose(2, 3)).sum(dim=0)
+            else:
+                rows = part.permute(1, 0, 3, 2).reshape(groups, part.shape[0] * positions, dim)
+                outer = rows.transpose(1, 2) @ rows
+            total = part.sum(dim=(0, 3))
+            self.sum_outer += outer
+            self.sum += total
+            if even:
+                self.sum_outer_half += outer
+                self.sum_half += total
+                self.count_half += part.shape[0] * positions
         self.count += n * positions
         self._add_pooled(cols.mean(dim=3).transpose(0, 1))  # (G, N, D): each image's mean patch
 
@@ -271,12 +302,16 @@ class _Accumulator:
             raise ValueError(f"layer '{self.name}' was never called during the calibration forward passes")
         sigma, mean = self.sum_outer / self.count, self.sum / self.count
         pooled = None if self.sum_pooled is None else self.sum_pooled / self.calls  # None: every patch is its image's
+        half = max(self.count_half, 1)
+        sigma_half, mean_half = self.sum_outer_half / half, self.sum_half / half
         if self.sum.shape[0] == 1:
             sigma, mean, pooled = sigma[0], mean[0], None if pooled is None else pooled[0]
+            sigma_half, mean_half = sigma_half[0], mean_half[0]
         groups = self.module.groups if self.kind == "conv2d" else 1
         return LayerStats(
             kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=groups, sigma=sigma, mean=mean,
             count=self.count, input_hw=self.input_hw, output_hw=self.output_hw, sigma_pooled=pooled,
+            sigma_half=sigma_half, mean_half=mean_half, count_half=self.count_half,
         )
 
     def all_reduce(self) -> None:
@@ -284,10 +319,12 @@ class _Accumulator:
         dist.all_reduce(pooled, op=dist.ReduceOp.MAX)
         if pooled.item() and self.sum_pooled is None:  # another rank saw several positions per image
             self.sum_pooled = self.sum_outer.clone()
-        counts = torch.tensor([float(self.count), float(self.calls)], dtype=torch.float64, device=self.sum.device)
-        for t in (self.sum_outer, self.sum, counts) + ((self.sum_pooled,) if self.sum_pooled is not None else ()):
+        counts = torch.tensor([float(self.count), float(self.calls), float(self.count_half)], dtype=torch.float64,
+                              device=self.sum.device)
+        for t in ((self.sum_outer, self.sum, self.sum_outer_half, self.sum_half, counts)
+                  + ((self.sum_pooled,) if self.sum_pooled is not None else ())):
             dist.all_reduce(t)
-        self.count, self.calls = int(counts[0].item()), int(counts[1].item())
+        self.count, self.calls, self.count_half = (int(c) for c in counts.tolist())
 
 
 def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:

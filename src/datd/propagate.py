@@ -1,0 +1,228 @@
+"""Propagated (error-compensating) fits: each layer fitted to the inputs it will really receive.
+
+A layer fitted alone minimizes E‖(W − W̃)x‖² on the original model's inputs x. In the compressed model it
+receives x̃, the output of the already compressed layers before it; what matters is E‖W x − W̃ x̃‖². With
+Σ̃ = E[x̃ x̃ᵀ] and the cross moment K = E[x x̃ᵀ] (both centered when the bias absorbs mean errors),
+
+    E‖W x − W̃ x̃‖² = ‖(W′ − W̃) Σ̃^{1/2}‖_F² + const,   W′ = W K Σ̃⁻¹,
+
+so every decomposition applies unchanged to the corrected target W′ in the Σ̃-norm, and the bias becomes
+b + W μ − W̃ μ̃. The regression W′ is regularized towards W, not towards 0:
+
+    W′ = W + W (K − Σ̃)(Σ̃ + λI)⁻¹,   λ = ``ridge`` · tr(Σ̃)/D,
+
+the minimizer of E‖W x − W′ x̃‖² + λ‖W′ − W‖², which is W itself when x̃ = x and never chases the noise of a
+few calibration images where D is large (a classifier head on a few hundred images). Where the layer's Σ is
+shrunk by α (``datd.shrinkage``), shrinking Σ̃ and K alike gives the same form with λ ≥ α/(1 − α)·tr(Σ̃)/D: the
+less the statistics are trusted, the less the weights are corrected (none at α = 1).
+
+Layers are processed in the order of their first call, in groups of ``group`` layers: one paired forward pass
+of the original and the partially compressed model over the calibration images per group, stopped as soon as
+the group's layers have seen all their calls. Layers within one group are fitted to inputs that reflect the
+compression of the groups before it (not of each other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .fitting import LayerProblem
+from .shrinkage import shrink
+from .stats import batch_inputs, conv_patches
+
+# Relative ridge of the corrected target: λ = DEFAULT_RIDGE · tr(Σ̃)/D (see the module docstring).
+DEFAULT_RIDGE = 1e-3
+# Calibration batches up to this many bytes are kept in memory across the paired passes (no reloading).
+_BATCH_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class PairedStats:
+    """Moments of one layer's inputs in the original (x) and the compressed model (x̃), over the same images:
+    ``sigma`` E[x̃ x̃ᵀ], ``cross`` E[x x̃ᵀ] (D, D) (or (G, D, D) for a grouped conv), ``mean`` E[x],
+    ``mean_tilde`` E[x̃] (D,) (or (G, D)), float64."""
+
+    sigma: Tensor
+    cross: Tensor
+    mean: Tensor
+    mean_tilde: Tensor
+    count: int
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once every layer of interest has been called."""
+
+
+class _Capture:
+    """Forward pre-hooks that keep the inputs of the chosen layers of ``model`` for one batch and stop the
+    pass after their last expected call (``calls`` per forward pass)."""
+
+    def __init__(self, model: nn.Module, names: list[str], calls: dict[str, int]):
+        self.model = model
+        self.modules = {n: model.get_submodule(n) for n in names}
+        self.calls = calls
+        self.inputs: dict[str, list[Tensor]] = {}
+
+    def run(self, x: Tensor) -> dict[str, list[Tensor]]:
+        self.inputs = {n: [] for n in self.modules}
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return self.inputs
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.inputs[name].append(args[0].detach())
+            if all(len(self.inputs[n]) >= self.calls[n] for n in self.modules):
+                raise _Stop
+        return hook
+
+
+def call_order(model: nn.Module, names: Iterable[str], example: Tensor) -> tuple[list[str], dict[str, int]]:
+    """The chosen layers in the order of their first call on ``example``, and how often each is called per
+    forward pass (layers never called are left out)."""
+    names = list(names)
+    order: list[str] = []
+    calls = {n: 0 for n in names}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if calls[name] == 0:
+                order.append(name)
+            calls[name] += 1
+        return record
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order, {n: c for n, c in calls.items() if c}
+
+
+class _Sums:
+    def __init__(self, groups: int, dim: int, device: torch.device):
+        z = dict(dtype=torch.float64, device=device)
+        self.sigma = torch.zeros(groups, dim, dim, **z)
+        self.cross = torch.zeros(groups, dim, dim, **z)
+        self.sum = torch.zeros(groups, dim, **z)
+        self.sum_tilde = torch.zeros(groups, dim, **z)
+        self.count = 0
+
+    def add(self, x: Tensor, xt: Tensor) -> None:
+        """x, xt: (G, M, D) float64 paired samples."""
+        self.sigma += xt.transpose(1, 2) @ xt
+        self.cross += x.transpose(1, 2) @ xt
+        self.sum += x.sum(dim=1)
+        self.sum_tilde += xt.sum(dim=1)
+        self.count += x.shape[1]
+
+    def result(self) -> PairedStats:
+        if self.count == 0:
+            raise ValueError("no paired samples were recorded")
+        squeeze = (lambda t: t[0]) if self.sum.shape[0] == 1 else (lambda t: t)
+        n = self.count
+        return PairedStats(squeeze(self.sigma / n), squeeze(self.cross / n), squeeze(self.sum / n),
+                           squeeze(self.sum_tilde / n), n)
+
+
+def _samples(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's input samples (G, M, D) float64: im2col patches for a Conv2d, rows for a Linear."""
+    x = x.double()
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        cols, _ = conv_patches(module, x)  # (N, G, D, L)
+        return cols.permute(1, 0, 3, 2).reshape(cols.shape[1], -1, cols.shape[2])
+    return x.reshape(1, -1, x.shape[-1])
+
+
+class BatchCache:
+    """The calibration inputs, read once and kept in memory while they fit in ``_BATCH_CACHE_BYTES`` (else read
+    again on every pass)."""
+
+    def __init__(self, batches: Iterable, device: torch.device):
+        self.batches, self.device = batches, device
+        self.kept: list[Tensor] | None = []
+        size = 0
+        for batch in batches:
+            x = batch_inputs(batch)
+            size += x.numel() * x.element_size()
+            if size > _BATCH_CACHE_BYTES:
+                self.kept = None
+                break
+            self.kept.append(x)
+
+    def __iter__(self):
+        if self.kept is not None:
+            yield from (x.to(self.device) for x in self.kept)
+        else:
+            yield from (batch_inputs(b).to(self.device) for b in self.batches)
+
+
+@torch.no_grad()
+def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[str], calls: dict[str, int],
+                      inputs: Iterable[Tensor], chunk: int = 1 << 16) -> dict[str, PairedStats]:
+    """Paired input moments of the layers ``names`` (modules of both models under the same names; still
+    dense in ``compressed``) over ``inputs``: one forward pass of each model per batch, stopped after the
+    layers' last call (``calls`` per forward pass)."""
+    modules = {n: original.get_submodule(n) for n in names}
+    sums: dict[str, _Sums] = {}
+    captures = (_Capture(original, names, calls), _Capture(compressed, names, calls))
+    for x in inputs:
+        plain, tilde = (c.run(x) for c in captures)
+        for name, module in modules.items():
+            for a, b in zip(plain[name], tilde[name]):
+                xs, xts = _samples(module, a), _samples(module, b)
+                if name not in sums:
+                    sums[name] = _Sums(xs.shape[0], xs.shape[2], xs.device)
+                for start in range(0, xs.shape[1], chunk):
+                    sums[name].add(xs[:, start:start + chunk], xts[:, start:start + chunk])
+    return {n: s.result() for n, s in sums.items()}
+
+
+def corrected_problem(problem: LayerProblem, paired: PairedStats, bias_correction: bool,
+                      ridge: float = DEFAULT_RIDGE, shrinkage: float = 0.0) -> LayerProblem:
+    """The layer problem whose decomposition (at any method and rank, in its usual fit norm) minimizes
+    E‖W x + b − (W̃ x̃ + b̃)‖²: weight W′ (see the module docstring), statistics Σ̃ and μ̃, and a bias chosen so
+    that ``corrected_bias`` gives b + W μ − W̃ μ̃ (with bias correction; without it the bias is kept and the
+    moments are uncentered). Σ̃ is shrunk by ``shrinkage`` (``datd.shrinkage``) for the fit."""
+    groups = problem.groups
+    sigma, cross = paired.sigma, paired.cross
+    mean, mean_t = paired.mean, paired.mean_tilde
+    if groups == 1:
+        sigma, cross, mean, mean_t = sigma[None], cross[None], mean[None], mean_t[None]
+    weights = []
+    for g in range(groups):
+        w = problem.group(g).matrix
+        s, k = sigma[g], cross[g]
+        if bias_correction:
+            s = s - torch.outer(mean_t[g], mean_t[g])
+            k = k - torch.outer(mean[g], mean_t[g])
+        s = 0.5 * (s + s.T)
+        scale = torch.trace(s) / s.shape[0]
+        if scale <= 0:
+            weights.append(w)
+            continue
+        lam = 1e12 if shrinkage >= 1 else max(ridge, shrinkage / (1 - shrinkage))
+        regularized = s + lam * scale * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
+        weights.append(w + torch.linalg.solve(regularized, (k - s).T @ w.T).T)  # W + W (K − Σ̃)(Σ̃ + λI)⁻¹
+    corrected = torch.cat(weights).reshape(problem.weight.shape)
+    bias = problem.bias
+    if bias_correction:
+        shift = torch.cat([problem.group(g).matrix @ mean[g] - weights[g] @ mean_t[g] for g in range(groups)])
+        bias = shift if bias is None else bias.double() + shift
+    center = paired.mean_tilde[..., :, None] * paired.mean_tilde[..., None, :] if bias_correction else None
+    return LayerProblem(problem.name, corrected, shrink(paired.sigma, shrinkage, center), paired.mean_tilde,
+                        problem.geometry, bias)

@@ -1,0 +1,119 @@
+"""How far to trust Σ: shrinkage towards the identity, chosen per layer by two-fold cross-validation.
+
+The Σ-norm fit spends its rank where the calibration images put their energy and treats directions they leave
+empty as free. Estimated from a few hundred images — or from images of a few classes, while the model must
+serve a thousand — the sample Σ makes some directions look empty that other images use, and the fit's error
+there lands on them (MobileNetV2's classifier, fitted in Σ from 500 ImageNet images: KL on the other 500
+images 3× the KL on the calibration images; a Frobenius fit does better there). The covariance is shrunk
+towards its scaled identity,
+
+    C_α = (1 − α) C + α (tr C / D) I,   α ∈ [0, 1]   (α = 1: the Frobenius fit; α = 0: the sample C),
+
+with α chosen per layer by two-fold cross-validation over images (``LayerStats.sigma_half``: the even-numbered
+images form fold A, the rest fold B): the rank-R Σ-SVD fitted in fold A's shrunk covariance is scored by its
+relative error in fold B's unshrunk one, and vice versa, averaged over a few ranks. The Σ-SVD stands in for
+every method (it is the closed-form member of the family); with G = W C Wᵀ and H = W Wᵀ the whole grid costs
+two T×T products per fold and one T×T eigendecomposition per α.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .decompose._linalg import top_eigh
+
+if TYPE_CHECKING:
+    from .stats import LayerStats
+
+# The α grid of the cross-validation.
+ALPHAS = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0)
+# The least α whose cross-validated error is within this relative margin of the best is taken: where the grid's
+# errors are flat (well-sampled Σ, e.g. 2,048 CIFAR images) the sample Σ is kept rather than a noise-picked α.
+TOLERANCE = 2e-3
+# The ranks scored, as fractions of the layer's break-even rank T·D/(T + D) (where a rank-R factorization
+# has as many weights as the dense layer): the range planners pick from.
+RANK_FRACTIONS = (0.6, 0.4, 0.25)
+
+
+def shrink(moment: Tensor, alpha: float, center: Tensor | None = None) -> Tensor:
+    """(1 − α)(M − c) + α tr(M − c)/D · I + c for a (D, D) moment M (or (G, D, D)) with c = ``center`` (e.g.
+    μμᵀ, so that the covariance is shrunk and the mean kept), 0 if None."""
+    if alpha == 0:
+        return moment
+    c = torch.zeros_like(moment) if center is None else center
+    inner = moment - c
+    dim = inner.shape[-1]
+    scale = inner.diagonal(dim1=-2, dim2=-1).sum(-1) / dim
+    eye = torch.eye(dim, dtype=inner.dtype, device=inner.device)
+    return (1 - alpha) * inner + alpha * scale[..., None, None] * eye + c
+
+
+@dataclass(frozen=True)
+class ShrinkageChoice:
+    """``alpha`` and ``errors``, the cross-validated relative error of every α of the grid."""
+
+    alpha: float = 0.0
+    errors: dict[float, float] = field(default_factory=dict)
+
+
+def cross_validated_alpha(matrix: Tensor, fold_a: Tensor, fold_b: Tensor,
+                          alphas: tuple[float, ...] = ALPHAS) -> ShrinkageChoice:
+    """The least α of ``alphas`` whose two-fold relative error of rank-R Σ-SVD fits of ``matrix`` (T, D), R over
+    ``RANK_FRACTIONS``, is within ``TOLERANCE`` of the least error; the folds' fit moments (D, D) (covariances
+    with bias correction)."""
+    return _choose(_fold_errors(matrix, fold_a, fold_b, alphas))
+
+
+def _fold_errors(matrix: Tensor, fold_a: Tensor, fold_b: Tensor, alphas: tuple[float, ...]) -> dict[float, float]:
+    """Mean held-out relative squared error per α."""
+    t, d = matrix.shape
+    breakeven = t * d / (t + d)
+    ranks = sorted({min(max(1, round(f * breakeven)), t - 1, d) for f in RANK_FRACTIONS if t > 1})
+    if not ranks:
+        return {}
+    h = matrix @ matrix.T
+    grams = [matrix @ f @ matrix.T for f in (fold_a, fold_b)]
+    scales = [torch.trace(f) / d for f in (fold_a, fold_b)]
+    errors = {}
+    for alpha in alphas:
+        total = 0.0
+        for fit, test in ((0, 1), (1, 0)):
+            _, u = top_eigh((1 - alpha) * grams[fit] + alpha * scales[fit] * h, max(ranks))
+            g = grams[test]
+            energy = torch.trace(g).clamp_min(1e-300)
+            kept = ((u.T @ g) * u.T).sum(dim=1).cumsum(0)  # kept[R-1] = tr(U_Rᵀ G U_R)
+            total += sum(float((energy - kept[r - 1]) / energy) for r in ranks)
+        errors[alpha] = total / (2 * len(ranks))
+    return errors
+
+
+def _choose(errors: dict[float, float]) -> ShrinkageChoice:
+    if not errors:
+        return ShrinkageChoice()
+    best = min(errors.values())
+    return ShrinkageChoice(min(a for a, e in errors.items() if e <= best * (1 + TOLERANCE)), errors)
+
+
+def layer_alpha(stats: "LayerStats", weight: Tensor, bias_correction: bool) -> ShrinkageChoice:
+    """``cross_validated_alpha`` for one layer from its statistics' two folds (per group for a grouped conv,
+    errors summed over groups); no shrinkage where the statistics have no folds (files from before they
+    existed, a single image)."""
+    if stats.sigma_half is None or not 0 < stats.count_half < stats.count:
+        return ShrinkageChoice()
+    n, n_a = stats.count, stats.count_half
+    sigma_b = (n * stats.sigma - n_a * stats.sigma_half) / (n - n_a)
+    mean_b = (n * stats.mean - n_a * stats.mean_half) / (n - n_a)
+
+    def fit_moment(sigma: Tensor, mean: Tensor) -> Tensor:
+        return sigma - mean[..., :, None] * mean[..., None, :] if bias_correction else sigma
+
+    a, b = fit_moment(stats.sigma_half, stats.mean_half), fit_moment(sigma_b, mean_b)
+    matrix = weight.detach().double().reshape(weight.shape[0], -1).to(a.device)
+    if a.dim() == 2:
+        return cross_validated_alpha(matrix, a, b)
+    per_group = [_fold_errors(w, a[g], b[g], ALPHAS) for g, w in enumerate(matrix.chunk(a.shape[0], dim=0))]
+    return _choose({alpha: sum(e[alpha] for e in per_group) for alpha in per_group[0]})

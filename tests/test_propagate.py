@@ -1,0 +1,83 @@
+"""Propagated (error-compensating) fits: the corrected problem and what it buys (datd.propagate)."""
+
+import copy
+
+import torch
+from torch import nn
+
+import datd
+from datd.fitting import FitSettings, LayerProblem, fit
+from datd.layers import Geometry, factorize
+from datd.propagate import call_order, corrected_problem, paired_statistics
+from datd.stats import collect_stats
+from datd.surgery import replace_module
+
+D64 = torch.float64
+
+
+def _problem(model: nn.Module, name: str, stats) -> LayerProblem:
+    module, s = model.get_submodule(name), stats[name]
+    return LayerProblem(name, module.weight.detach().double(), s.sigma, s.mean,
+                        Geometry.of(module, s.input_hw, s.output_hw), module.bias.detach().double())
+
+
+def test_without_earlier_compression_the_corrected_problem_is_the_layer_itself():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2)).eval()
+    images = torch.randn(6, 3, 9, 9)
+    stats = collect_stats(model, [images], progress=False)
+    order, calls = call_order(model, ["2", "0"], images[:1])
+    assert order == ["0", "2"] and calls == {"0": 1, "2": 1}
+    paired = paired_statistics(model, copy.deepcopy(model), ["2"], calls, [images[:4], images[4:]])["2"]
+    assert torch.allclose(paired.cross, paired.sigma) and torch.allclose(paired.sigma, stats["2"].sigma)
+    plain = _problem(model, "2", stats)
+    corrected = corrected_problem(plain, paired, bias_correction=True)
+    assert torch.allclose(corrected.weight, plain.weight, atol=1e-10)
+    approx = fit(corrected, "svd", (2,), FitSettings()).reconstruct()
+    assert torch.allclose(corrected.corrected_bias(approx, True), plain.corrected_bias(approx, True), atol=1e-10)
+
+
+def test_the_propagated_fit_compensates_the_error_of_the_layers_before():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12)).eval()
+    x = torch.randn(400, 20) @ torch.randn(20, 20)
+    stats = collect_stats(model, [x], progress=False)
+    settings = FitSettings()
+    compressed = copy.deepcopy(model)
+    first = _problem(model, "0", stats)
+    d = fit(first, "svd", (5,), settings)
+    replace_module(compressed, "0", factorize(model[0], d, first.corrected_bias(d.reconstruct(), True).float()))
+    _, calls = call_order(model, ["2"], x[:1])
+    paired = paired_statistics(model, compressed, ["2"], calls, [x])["2"]
+    plain_problem = _problem(model, "2", stats)
+    with torch.no_grad():
+        target, received = model(x).double(), compressed[1](compressed[0](x))
+
+    def output_error(problem: LayerProblem) -> float:
+        decomposition = fit(problem, "svd", (6,), settings)
+        layer = factorize(model[2], decomposition, problem.corrected_bias(decomposition.reconstruct(), True).float())
+        with torch.no_grad():
+            return float(((layer(received).double() - target) ** 2).mean())
+
+    plain = output_error(plain_problem)
+    propagated = output_error(corrected_problem(plain_problem, paired, bias_correction=True, ridge=1e-8))
+    assert propagated < 0.95 * plain
+
+
+def test_compress_with_propagate_keeps_the_plan_and_tracks_the_original_closer():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 10)).eval()
+    images = torch.randn(64, 3, 10, 10)
+    calib = [images[:32], images[32:]]
+    common = dict(target="params=0.4", method="tucker2", ranks="uniform", progress=False, measure_latency=False,
+                  min_params=500, max_iter=10)
+    plain, report = datd.compress(model, calib, **common)
+    propagated, report_p = datd.compress(model, calib, propagate=True, **common)
+    assert report_p["plan"] == report["plan"]
+    assert all(l["propagated"] for l in report_p["layers"] if "method" in l)
+    with torch.no_grad():
+        reference = model(images)
+        errors = [float(((m(images) - reference) ** 2).mean()) for m in (plain, propagated)]
+    assert errors[1] < errors[0]
