@@ -211,3 +211,22 @@ def test_statistics_all_reduce_under_torch_distributed(tmp_path):
     for name in single:
         assert merged[name].count == single[name].count
         assert torch.allclose(merged[name].sigma, single[name].sigma, atol=1e-6)
+
+
+def test_float32_products_stay_within_a_bounded_distance_of_the_float64_reference():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 24 * 24, 10)).eval()
+    images = torch.randn(96, 3, 24, 24) + 0.5  # post-ReLU inputs with a mean: the covariance cancels Σ − μμᵀ
+    batches = images.split(32)
+    fast = collect_stats(model, batches, progress=False)
+    exact = collect_stats(model, batches, progress=False, precision="float64")
+    for name in exact:
+        for key in ("sigma", "sigma_half", "sigma_pooled"):
+            a, b = getattr(fast[name], key), getattr(exact[name], key)
+            if b is not None:
+                assert float((a - b).norm() / b.norm()) < 1e-6, (name, key)
+        cov_fast, cov_exact = fast[name].covariance(), exact[name].covariance()
+        assert float((cov_fast - cov_exact).norm() / cov_exact.norm()) < 1e-5, name
+    with pytest.raises(ValueError, match="precision"):
+        collect_stats(model, batches, progress=False, precision="float16")
