@@ -212,10 +212,10 @@ def corrected_problem(problem: LayerProblem, paired: PairedStats, bias_correctio
             k = k - torch.outer(mean[g], mean_t[g])
         s = 0.5 * (s + s.T)
         scale = torch.trace(s) / s.shape[0]
-        if scale <= 0:
+        if scale <= 0 or shrinkage >= 1:  # no input energy, or statistics not trusted at all: W itself
             weights.append(w)
             continue
-        lam = 1e12 if shrinkage >= 1 else max(ridge, shrinkage / (1 - shrinkage))
+        lam = max(ridge, shrinkage / (1 - shrinkage))
         regularized = s + lam * scale * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
         weights.append(w + torch.linalg.solve(regularized, (k - s).T @ w.T).T)  # W + W (K − Σ̃)(Σ̃ + λI)⁻¹
     corrected = torch.cat(weights).reshape(problem.weight.shape)

@@ -113,7 +113,7 @@ def layer_alpha(stats: "LayerStats", weight: Tensor, bias_correction: bool) -> S
 
     a, b = fit_moment(stats.sigma_half, stats.mean_half), fit_moment(sigma_b, mean_b)
     matrix = weight.detach().double().reshape(weight.shape[0], -1).to(a.device)
-    if a.dim() == 2:
-        return cross_validated_alpha(matrix, a, b)
+    if a.dim() == 2:  # one group
+        a, b = a[None], b[None]
     per_group = [_fold_errors(w, a[g], b[g], ALPHAS) for g, w in enumerate(matrix.chunk(a.shape[0], dim=0))]
     return _choose({alpha: sum(e[alpha] for e in per_group) for alpha in per_group[0]})

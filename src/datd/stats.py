@@ -240,32 +240,33 @@ class _Accumulator:
                 cols, self.output_hw = conv_patches(module, x[start:start + step])
                 self._add_conv(cols)
         else:
-            rows = x.reshape(-1, x.shape[-1])
-            self.input_hw = self.output_hw = (x[0].numel() // x.shape[-1] if x.dim() > 1 else 1, 1)
-            per_sample = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() > 1 else x[None, None]
+            dim = x.shape[-1]
+            self.input_hw = self.output_hw = (x[0].numel() // dim if x.dim() > 1 else 1, 1)
+            per_sample = x.reshape(x.shape[0], -1, dim) if x.dim() > 1 else x[None, None]
             self._pool_from(per_sample.shape[1])
             first = self.calls % 2  # index in this call of its first even-numbered sample
             self._add_pooled(per_sample.mean(dim=1)[None].double())
-            step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+            step = max(1, _CHUNK_ELEMENTS // dim)
             for even, part in ((True, per_sample[first::2]), (False, per_sample[1 - first::2])):
-                part_rows = part.reshape(-1, rows.shape[1])
-                for start in range(0, part_rows.shape[0], step):
-                    chunk = part_rows[start:start + step]
-                    outer, total = self._checked(chunk.T @ chunk), chunk.sum(dim=0).double()
-                    self.sum_outer[0] += outer
-                    self.sum[0] += total
-                    self.count += chunk.shape[0]
-                    if even:
-                        self.sum_outer_half[0] += outer
-                        self.sum_half[0] += total
-                        self.count_half += chunk.shape[0]
+                rows = part.reshape(-1, dim)
+                for start in range(0, rows.shape[0], step):
+                    chunk = rows[start:start + step]
+                    self._add(chunk.T @ chunk, chunk.sum(dim=0), chunk.shape[0], even)
 
-    def _checked(self, outer: Tensor) -> Tensor:
-        """A chunk's x xᵀ sum in float64, refused when not finite (its diagonal holds every x_d², so any NaN/Inf
-        input shows there)."""
+    def _add(self, outer: Tensor, total: Tensor, count: int, even: bool) -> None:
+        """Add one part's x xᵀ sum (G, D, D) or (D, D), x sum and sample count (in the compute dtype) to the
+        float64 totals, and to fold A's when its samples are even-numbered. The products are refused when not
+        finite (their diagonal holds every x_d², so any NaN/Inf input shows there)."""
         if not torch.isfinite(outer.diagonal(dim1=-2, dim2=-1)).all():
             raise ValueError(f"non-finite input to layer '{self.name}': the calibration data or model produce NaN/Inf")
-        return outer.double()
+        outer, total = outer.double(), total.double()
+        self.sum_outer += outer
+        self.sum += total
+        self.count += count
+        if even:
+            self.sum_outer_half += outer
+            self.sum_half += total
+            self.count_half += count
 
     def _add_conv(self, cols: Tensor) -> None:
         """cols: (N, G, D, L) patch columns in the compute dtype."""
@@ -277,18 +278,11 @@ class _Accumulator:
             if part.shape[0] == 0:
                 continue
             if positions >= dim:  # per-image products avoid a transposed copy of the patches
-                outer = self._checked((part @ part.transpose(2, 3)).sum(dim=0))
+                outer = (part @ part.transpose(2, 3)).sum(dim=0)
             else:
                 rows = part.permute(1, 0, 3, 2).reshape(groups, part.shape[0] * positions, dim)
-                outer = self._checked(rows.transpose(1, 2) @ rows)
-            total = part.sum(dim=(0, 3)).double()
-            self.sum_outer += outer
-            self.sum += total
-            if even:
-                self.sum_outer_half += outer
-                self.sum_half += total
-                self.count_half += part.shape[0] * positions
-        self.count += n * positions
+                outer = rows.transpose(1, 2) @ rows
+            self._add(outer, part.sum(dim=(0, 3)), part.shape[0] * positions, even)
         self._add_pooled(cols.mean(dim=3).transpose(0, 1).double())  # (G, N, D): each image's mean patch
 
     def _pool_from(self, positions: int) -> None:
