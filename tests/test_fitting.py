@@ -58,3 +58,26 @@ def test_pooled_and_spread_parts_add_up_for_uniform_weights():
     for bias_correction in (False, True):
         assert damage(with_split, approx, ones, bias_correction) == pytest.approx(
             damage(plain, approx, ones, bias_correction), rel=1e-10)
+
+
+def test_relative_output_error_of_a_grouped_conv_matches_its_real_outputs():
+    import torch.nn.functional as F
+    from torch import nn
+
+    from datd.fitting import relative_output_error
+    from datd.stats import collect_stats
+
+    torch.manual_seed(7)
+    conv = nn.Conv2d(8, 12, 3, padding=1, groups=2).double().eval()
+    images = torch.randn(6, 8, 10, 10, dtype=torch.float64) + 0.3
+    s = collect_stats(nn.Sequential(conv), [images], progress=False, precision="float64")["0"]
+    problem = LayerProblem("0", conv.weight.detach(), s.sigma, s.mean, Geometry.of(conv, s.input_hw, s.output_hw),
+                           conv.bias.detach())
+    approx = fit(problem, "svd", (3,), FitSettings()).reconstruct()
+    for correction in (False, True):
+        bias = problem.corrected_bias(approx, correction)
+        with torch.no_grad():
+            error = F.conv2d(images, approx, bias, padding=1, groups=2) - conv(images)
+            energy = F.conv2d(images, conv.weight, None, padding=1, groups=2)
+        expected = float(((error ** 2).sum(1).mean() / (energy ** 2).sum(1).mean()) ** 0.5)
+        assert relative_output_error(problem, approx, correction) == pytest.approx(expected, rel=1e-8)

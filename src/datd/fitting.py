@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -134,13 +135,6 @@ def _quadratic(problem: LayerProblem, approx: Tensor, weights: Tensor, moment: T
     return weights * ((e @ moment) * e).sum(dim=1)
 
 
-def output_errors(problem: LayerProblem, approx: Tensor, bias_correction: bool) -> Tensor:
-    """Per-output-channel mean squared output error (T,) of the approximation ``approx`` (weight shape)."""
-    if problem.groups > 1:
-        return torch.cat([output_errors(problem.group(g), a, bias_correction) for g, a in enumerate(problem.split(approx))])
-    return _quadratic(problem, approx, torch.ones((), dtype=torch.float64), problem.error_moment(bias_correction))
-
-
 def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias_correction: bool) -> float:
     """Predicted loss of replacing the weight by ``approx`` (see the module docstring)."""
     if problem.groups > 1:
@@ -152,9 +146,20 @@ def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias
 def relative_sigma_error(problem: LayerProblem, approx: Tensor) -> float:
     """‖(W − W̃) Σ^{1/2}‖ / ‖W Σ^{1/2}‖ with the problem's uncentered Σ (the paper's per-layer error, in Σ as
     shrunk by ``datd.shrinkage`` where it is; over all groups)."""
+    return _relative(problem, approx, lambda p: p.sigma)
+
+
+def relative_output_error(problem: LayerProblem, approx: Tensor, bias_correction: bool) -> float:
+    """sqrt(E‖output error‖² / E‖W x‖²): the error actually incurred (in C with bias correction, else Σ) over the
+    layer's output energy (Σ), over all groups."""
+    return _relative(problem, approx, lambda p: p.error_moment(bias_correction))
+
+
+def _relative(problem: LayerProblem, approx: Tensor, moment: Callable[[LayerProblem], Tensor]) -> float:
+    """sqrt(Σ_groups tr(E M Eᵀ) / Σ_groups tr(W Σ Wᵀ)) with E = W − W̃ and M = ``moment(group problem)``."""
     one = torch.ones((), dtype=torch.float64)
     parts = [(problem.group(g), a) for g, a in enumerate(problem.split(approx))]
-    error = sum(float(_quadratic(p, a, one, p.sigma).sum()) for p, a in parts)
+    error = sum(float(_quadratic(p, a, one, moment(p)).sum()) for p, a in parts)
     total = sum(float(_quadratic(p, torch.zeros_like(p.weight), one, p.sigma).sum()) for p, _ in parts)
     return (error / total) ** 0.5
 

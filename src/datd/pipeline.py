@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from .decompose import DEFAULT_SIGMA_REG, Decomposition
 from .evaluate import accuracy, count_macs, count_params
-from .fitting import NORMS, FitSettings, LayerProblem, damage, fit, output_errors, relative_sigma_error, svd_damage_curve
+from .fitting import (
+    NORMS, FitSettings, LayerProblem, damage, fit, relative_output_error, relative_sigma_error, svd_damage_curve,
+)
 from .inference import MEMORY_FORMATS, for_inference
 from .latency import (
     LatencyCache, LatencyModel, best_memory_format, compare, default_cache_path, default_rank_multiple, example_batch,
@@ -417,13 +419,11 @@ def _install(compressed: nn.Module, name: str, layer: _Layer, problem: LayerProb
     bias = problem.corrected_bias(approx, settings.bias_correction)
     module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
     replace_module(compressed, name, module)
-    out_err = output_errors(problem, approx, settings.bias_correction).sum()
-    w = problem.matrix
     entry = {
         "method": option.method, "ranks": list(option.ranks),
         "cost": factorized_cost(option.method, layer.geometry, option.ranks),
         "sigma_error": relative_sigma_error(problem, approx),
-        "output_error": float(torch.sqrt(out_err / ((w @ problem.sigma) * w).sum())),
+        "output_error": relative_output_error(problem, approx, settings.bias_correction),
         "damage": damage(problem, approx, layer.sensitivity, settings.bias_correction),
         "sweeps": len(decomposition.history) - 1,
         "bias": bias is not None,
