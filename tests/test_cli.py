@@ -16,9 +16,10 @@ def test_help_documents_every_option():
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
                    "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
                    "--memory-format", "--latency-cache", "--measure-latency", "--probe-images", "--shrinkage",
-                   "--propagate"):
+                   "--propagate", "--overwrite", "--resume"):
         assert option in out
     assert "latency=F" in out
+    assert "--debug" in invoke(["--help"]).output
     for command in ("compress", "stats", "eval", "export", "demo"):
         assert command in invoke(["--help"]).output
     out = invoke(["export", "--help"]).output
@@ -46,6 +47,14 @@ def test_bad_input_exits_with_a_clear_message(args, message):
     result = invoke(args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_stats_dry_run_prints_the_sizes_and_writes_nothing(tmp_path):
+    result = invoke(["stats", "--model", "cifar_resnet20", "--data", "cifar10:test", "--calib", "8", "--dry-run",
+                     "--out", str(tmp_path / "s.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "layer3.2.conv2" in result.output and "MiB of float64 sums" in result.output
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 def test_stats_of_another_model_are_refused(tmp_path):

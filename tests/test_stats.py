@@ -230,3 +230,24 @@ def test_float32_products_stay_within_a_bounded_distance_of_the_float64_referenc
         assert float((cov_fast - cov_exact).norm() / cov_exact.norm()) < 1e-5, name
     with pytest.raises(ValueError, match="precision"):
         collect_stats(model, batches, progress=False, precision="float16")
+
+
+def test_sums_bytes_is_what_collect_stats_keeps(monkeypatch):
+    """The dry run's estimate equals the float64 sums the accumulators really hold (pooled part included)."""
+    import datd.stats as st
+    from datd.models import load_model
+
+    model = load_model("cifar_resnet20").model
+    x = torch.randn(8, 3, 32, 32)
+    estimate = st.sums_bytes(model, x)
+    held = {}
+    result = st._Accumulator.result
+
+    def measured(self):
+        tensors = [self.sum_outer, self.sum, self.sum_outer_half, self.sum_half, self.sum_pooled]
+        held[self.name] = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return result(self)
+
+    monkeypatch.setattr(st._Accumulator, "result", measured)
+    st.collect_stats(model, [x], progress=False)
+    assert estimate == held and len(held) == 20

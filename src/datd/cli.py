@@ -9,15 +9,17 @@ from pathlib import Path
 import click
 import torch
 
-from . import io
+from . import distributed, io
+from .checkpoint import Checkpoint
 from .data import INTERPOLATIONS, Preprocessing, calibration_loader, eval_loader
+from .errors import DatdError
 from .evaluate import accuracy, count_macs, count_params
 from .export import FORMATS, export
 from .models import load_model
 from .pipeline import CompressConfig, compress
 from .plan import METHODS
 from .report import write_report
-from .stats import Statistics, batch_inputs, collect_stats
+from .stats import Statistics, batch_inputs, collect_stats, sums_bytes
 
 DEFAULTS = CompressConfig()
 DEMO_TARGET = "latency=0.8"
@@ -87,14 +89,39 @@ def _override(loaded, **preprocessing):
     return loaded
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+class _Main(click.Group):
+    """The command group: every error ends in one line on stderr and a non-zero exit code (2: bad input or a
+    file that cannot be read or written; 1: anything unexpected; 130: interrupted), with the traceback only
+    under ``datd --debug``. Nothing half-written is left behind: outputs are written atomically."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            expected = isinstance(exc, (ValueError, OSError, RuntimeError, TypeError))
+            message = str(exc).strip() or type(exc).__name__
+            if not expected:
+                message = f"unexpected {type(exc).__name__}: {message} (datd --debug ... shows the traceback)"
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2 if expected else 1)
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("interrupted: outputs are written atomically, nothing half-written was left "
+                       "(datd compress ... --resume continues a compress run)", err=True)
+            sys.exit(130)
+        finally:
+            distributed.finish()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="datd")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="show the traceback of an error")
+def main(debug: bool) -> None:
     """Compress trained CNNs with distribution-aware tensor decompositions (no fine-tuning)."""
 
 
@@ -140,38 +167,61 @@ def main() -> None:
 @click.option("--propagate/--no-propagate", default=DEFAULTS.propagate, show_default=True,
               help="fit each layer to the inputs it receives from the already compressed layers before it "
                    "(one extra pass over the calibration images per layer)")
+@click.option("--overwrite", is_flag=True,
+              help="replace an --out directory that holds other files (an earlier datd result is always replaced)")
+@click.option("--resume", is_flag=True,
+              help="continue an interrupted run from its checkpoint (OUT.partial/: statistics, plan, fitted layers); "
+                   "the result is the one the uninterrupted run would have given")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate,
-                     **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate, overwrite,
+                     resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
-    try:
-        config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
-                                seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
-                                memory_format=memory_format, latency_cache=latency_cache,
-                                measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                                propagate=propagate)
-        loaded = _load(model_name, weights, **preprocessing)
-        _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        _fail(exc)
+    config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
+                            seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
+                            memory_format=memory_format, latency_cache=latency_cache,
+                            measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
+                            propagate=propagate)
+    loaded = _load(model_name, weights, **preprocessing)
+    _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
+              resume)
 
 
-def _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size) -> None:
-    device = _device(device)
+def _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size,
+              overwrite=False, resume=False) -> None:
+    device = _device(distributed.init(device))
     model_name = loaded.name
+    out = Path(out_dir or f"runs/{model_name.replace(':', '_')}-{config.target.replace('=', '')}")
+    if distributed.world_size() > 1 and resume:
+        raise DatdError("--resume is not supported under torchrun yet (each rank would need the checkpoint)")
+    io.check_output_directory(out, overwrite)  # before any work
     calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=config.seed)
     stats = Statistics.load(stats_path, loaded.model) if stats_path else None
-    evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None)
-    out = Path(out_dir or f"runs/{model_name.replace(':', '_')}-{config.target.replace('=', '')}")
-    click.echo(f"compressing {model_name} to {config.target} with {config.method}/{config.norm}/{config.ranks} on {device} "
-               f"({calib} calibration images from {data})", err=True)
-    compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device)
+    main_rank = distributed.is_main()
+    evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None) if main_rank else None
+    checkpoint = Checkpoint(out.with_name(out.name + ".partial"), resume=resume)
+    if distributed.world_size() > 1:
+        checkpoint = None
+    elif (checkpoint.directory / "run.json").is_file():
+        click.echo(f"note: {'resuming from' if resume else 'discarding (--resume continues it)'} the checkpoint of an "
+                   f"unfinished run in {checkpoint.directory}", err=True)
+    where = f"checkpoints in {checkpoint.directory}" if checkpoint else f"{distributed.world_size()} ranks"
+    if main_rank:
+        click.echo(f"compressing {model_name} to {config.target} with {config.method}/{config.norm}/{config.ranks} on "
+                   f"{device} ({calib} calibration images from {data}; {where})", err=True)
+    compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device,
+                                  checkpoint=checkpoint, stats_batches=distributed.Shard(calib_loader),
+                                  progress=main_rank)
+    if not main_rank:
+        return
     source = {"model": model_name, "weights": loaded.weights, "preprocessing": dataclasses.asdict(loaded.preprocessing)}
     report["source"] = {**source, "data": data, "calib": calib, "eval_data": eval_data or data, "eval_limit": eval_limit}
-    io.save(compressed, out, source=source, inference=report["inference"])
-    paths = write_report(report, out)
-    _summary(report, out, paths["markdown"])
+    with io.output_directory(out, overwrite=overwrite) as tmp:
+        io.save(compressed, tmp, source=source, inference=report["inference"])
+        written = write_report(report, tmp)
+    if checkpoint is not None:
+        checkpoint.remove()
+    _summary(report, out, out / written["markdown"].name)
 
 
 def _eval_data(spec: str, loaded, limit: int | None, required: bool):
@@ -213,16 +263,27 @@ def _summary(report: dict, out: Path, markdown: Path) -> None:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset")
 @click.option("--batch-size", default=128, show_default=True)
-def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, **preprocessing) -> None:
-    """Collect the input statistics Σ of every Conv2d/Linear and save them for reuse (--stats)."""
-    try:
-        loaded = _load(model_name, weights, **preprocessing)
-        loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
-        model = loaded.model.to(_device(device))
-        stats = collect_stats(model, loader, description=loader.dataset.image_set.description)
-        stats.save(out_path)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        _fail(exc)
+@click.option("--dry-run", is_flag=True, help="print the size of the Σ sums per layer and in total; collect nothing")
+def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, dry_run,
+                  **preprocessing) -> None:
+    """Collect the input statistics Σ of every Conv2d/Linear and save them for reuse (--stats). Under
+    ``torchrun --nproc_per_node N -m datd stats …`` the images are shared among the N processes."""
+    device = _device(distributed.init(device))
+    loaded = _load(model_name, weights, **preprocessing)
+    loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
+    model = loaded.model.to(device)
+    if dry_run:
+        sizes = sums_bytes(model, batch_inputs(next(iter(loader))).to(device))
+        for name, size in sizes.items():
+            click.echo(f"{name:<40} {size / 2**20:10.1f} MiB")
+        click.echo(f"{'total':<40} {sum(sizes.values()) / 2**20:10.1f} MiB of float64 sums (per process), plus the "
+                   f"forward pass at batch {batch_size} and one chunk of patch products (≤ 64 MiB)")
+        return
+    stats = collect_stats(model, distributed.Shard(loader), description=loader.dataset.image_set.description,
+                          progress=distributed.is_main())
+    if not distributed.is_main():
+        return
+    stats.save(out_path)
     click.echo(f"statistics of {len(stats)} layers from {stats.num_images} images -> {out_path}")
 
 
@@ -236,21 +297,18 @@ def stats_command(model_name, weights, data, calib, out_path, device, seed, batc
 def eval_command(model_name, weights, compressed, data, limit, device, **preprocessing) -> None:
     """Top-1 accuracy, parameters and MACs of a model or of a compressed model directory."""
     if (model_name is None) == (compressed is None):
-        _fail(ValueError("give exactly one of --model or --compressed"))
-    try:
-        if compressed:
-            loaded = _override(_compressed_base(compressed, io.read_config(compressed)["source"]), **preprocessing)
-            io.load(compressed, loaded.model)
-        else:
-            loaded = _load(model_name, weights, **preprocessing)
-        device = _device(device)
-        loader = eval_loader(data, loaded.preprocessing, limit=limit, num_classes=loaded.num_classes)
-        model = loaded.model.to(device)
-        top1 = accuracy(model, loader, device=device)
-        example = batch_inputs(next(iter(loader)))[:1].to(device)
-        macs = count_macs(model, example)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        _fail(exc)
+        raise DatdError("give exactly one of --model or --compressed")
+    if compressed:
+        loaded = _override(_compressed_base(compressed, io.read_config(compressed)["source"]), **preprocessing)
+        io.load(compressed, loaded.model)
+    else:
+        loaded = _load(model_name, weights, **preprocessing)
+    device = _device(device)
+    loader = eval_loader(data, loaded.preprocessing, limit=limit, num_classes=loaded.num_classes)
+    model = loaded.model.to(device)
+    top1 = accuracy(model, loader, device=device)
+    example = batch_inputs(next(iter(loader)))[:1].to(device)
+    macs = count_macs(model, example)
     click.echo(f"accuracy  {100 * top1:.2f}% on {len(loader.dataset)} images of {data}")
     click.echo(f"params    {count_params(model):,}")
     click.echo(f"MACs      {macs:,}")
@@ -265,17 +323,14 @@ def eval_command(model_name, weights, compressed, data, limit, device, **preproc
 def export_command(directory, format_, out_path, input_size) -> None:
     """Export a compressed model directory (from `datd compress`) in its inference form, dynamic batch size,
     checked against torch."""
-    try:
-        source = io.read_config(directory)
-        loaded = _compressed_base(directory, source["source"])
-        size = input_size or loaded.preprocessing.size
-        if size is None:
-            raise ValueError(f"{loaded.name} does not fix its input size: pass --input-size")
-        model = io.load(directory, loaded.model)
-        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-        path = export(model, example, out_path, format_, **source["inference"])
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        _fail(exc)
+    source = io.read_config(directory)
+    loaded = _compressed_base(directory, source["source"])
+    size = input_size or loaded.preprocessing.size
+    if size is None:
+        raise DatdError(f"{loaded.name} does not fix its input size: pass --input-size")
+    model = io.load(directory, loaded.model)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    path = export(model, example, out_path, format_, **source["inference"])
     click.echo(f"{format_} model (inputs N×3×{size}×{size}, any N; checked against torch) -> {path}")
 
 
@@ -283,14 +338,14 @@ def _compressed_base(directory, source: dict):
     """The base model a compressed directory was made from (rebuilt from its config's source, with the
     preprocessing it was compressed with)."""
     if "model" not in source:
-        raise ValueError(f"{directory}/config.json does not say which model it was made from")
+        raise DatdError(f"{directory}/config.json does not say which model it was made from")
     loaded = load_model(source["model"], source.get("weights"))
     if isinstance(source.get("preprocessing"), dict):
         try:
             loaded.preprocessing = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v
                                                     for k, v in source["preprocessing"].items()})
         except TypeError as exc:
-            raise ValueError(f"{directory}/config.json: unreadable preprocessing: {exc}") from exc
+            raise DatdError(f"{directory}/config.json: unreadable preprocessing: {exc}") from exc
     return loaded
 
 
@@ -298,8 +353,5 @@ def _compressed_base(directory, source: dict):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 def demo_command(out_dir) -> None:
     """The shipped CIFAR-10 ResNet-20 made faster (latency=0.8 of its measured time), on the shipped data."""
-    try:
-        _compress(load_model("cifar_resnet20"), "cifar10", 2048, CompressConfig(target=DEMO_TARGET), None, None, None,
-                  out_dir, None, 128)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
-        _fail(exc)
+    _compress(load_model("cifar_resnet20"), "cifar10", 2048, CompressConfig(target=DEMO_TARGET), None, None, None,
+              out_dir, None, 128)

@@ -16,6 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
+from .errors import DatdError, MissingFileError
+from .stats import MIN_CALIBRATION_IMAGES
+
 SPLITS = ("calib", "eval")
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 _WNID = re.compile(r"n\d{8}")
@@ -42,14 +45,14 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
-            raise ValueError(f"preprocessing needs three means and three positive stds, got mean={self.mean}, "
+            raise DatdError(f"preprocessing needs three means and three positive stds, got mean={self.mean}, "
                              f"std={self.std}")
         if self.size is not None and self.size < 1 or self.resize is not None and self.resize < 1:
-            raise ValueError(f"preprocessing sizes must be positive, got size={self.size}, resize={self.resize}")
+            raise DatdError(f"preprocessing sizes must be positive, got size={self.size}, resize={self.resize}")
         if self.size is not None and self.resize is not None and self.resize < self.size:
-            raise ValueError(f"preprocessing resize={self.resize} is smaller than the crop size={self.size}")
+            raise DatdError(f"preprocessing resize={self.resize} is smaller than the crop size={self.size}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+            raise DatdError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
 
 
 def data_root() -> Path:
@@ -58,7 +61,7 @@ def data_root() -> Path:
     root = Path(env) if env else Path.cwd() / ".." / "shared" / "data"
     if not root.is_dir():
         where = f"DATD_DATA={env}" if env else f"{root.resolve()} (../shared/data from the working directory)"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data directory not found: {where}; set DATD_DATA to the folder holding cifar10/, tinyimagenet/, "
             "models/ and imagenet-sample/"
         )
@@ -85,7 +88,7 @@ class ImageSet:
 def load_images(spec: str, split: str) -> ImageSet:
     """The ``split`` ('calib' or 'eval') of data set ``spec`` (see _SPEC_HELP)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected 'calib' or 'eval'")
+        raise DatdError(f"unknown split {split!r}: expected 'calib' or 'eval'")
     if spec == "cifar10":
         part = "train" if split == "calib" else "test"
         return _npz_set(data_root() / "cifar10" / f"{part}.npz", f"cifar10 {part}", "cifar10")
@@ -98,7 +101,7 @@ def load_images(spec: str, split: str) -> ImageSet:
         return _image_folder(Path(spec.removeprefix("imagefolder:")))
     if spec.endswith(".npz") or Path(spec).is_file():
         return _npz_set(Path(spec), spec, None)
-    raise ValueError(f"unknown data spec {spec!r}: expected {_SPEC_HELP}")
+    raise DatdError(f"unknown data spec {spec!r}: expected {_SPEC_HELP}")
 
 
 class ImageDataset(Dataset):
@@ -150,10 +153,11 @@ def calibration_loader(spec: str, preprocessing: Preprocessing, num_images: int,
     """Batches (x (B, 3, h, w), labels (B,)) of ``num_images`` images drawn from the calibration split with
     numpy.random.default_rng(seed).permutation."""
     image_set = load_images(spec, "calib")
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if num_images < MIN_CALIBRATION_IMAGES:
+        raise DatdError(f"at least {MIN_CALIBRATION_IMAGES} calibration images are needed (Σ is cross-validated over "
+                        f"two halves of them; hundreds are recommended), got {num_images}")
     if num_images > len(image_set):
-        raise ValueError(f"asked for {num_images} calibration images but {image_set.description} has only "
+        raise DatdError(f"asked for {num_images} calibration images but {image_set.description} has only "
                          f"{len(image_set)}")
     indices = np.random.default_rng(seed).permutation(len(image_set))[:num_images]
     chosen = image_set.subset(indices, f"random {num_images}, seed {seed}")
@@ -167,12 +171,12 @@ def eval_loader(spec: str, preprocessing: Preprocessing, *, batch_size: int = 25
     The ImageSet is at ``loader.dataset.image_set``."""
     image_set = load_images(spec, "eval")
     if image_set.labels is None:
-        raise ValueError(f"{image_set.description} has no labels (no 'y' array): it cannot be used for evaluation")
+        raise DatdError(f"{image_set.description} has no labels (no 'y' array): it cannot be used for evaluation")
     if num_classes is not None:
         eval_label_check(image_set, num_classes)
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise DatdError(f"limit must be >= 1, got {limit}")
         if limit < len(image_set):
             image_set = image_set.subset(np.arange(limit), f"first {limit}")
     return DataLoader(ImageDataset(image_set, preprocessing), batch_size=batch_size, shuffle=False)
@@ -183,16 +187,16 @@ def eval_label_check(image_set: ImageSet, num_classes: int) -> None:
     a known label space needs its own class count (cifar10: 10, tinyimagenet200: 200, imagenet1k: 1000), an
     unknown one needs max label < num_classes."""
     if image_set.labels is None:
-        raise ValueError(f"{image_set.description} has no labels: it cannot be used for evaluation")
+        raise DatdError(f"{image_set.description} has no labels: it cannot be used for evaluation")
     expected = _LABEL_SPACE_CLASSES.get(image_set.label_space or "")
     if expected is not None:
         if expected != num_classes:
-            raise ValueError(
+            raise DatdError(
                 f"labels of {image_set.description} are not in the model's label space: they are "
                 f"{image_set.label_space} classes ({expected}), the model has {num_classes} outputs"
             )
     elif len(image_set.labels) and int(image_set.labels.max()) >= num_classes:
-        raise ValueError(
+        raise DatdError(
             f"labels of {image_set.description} are not in the model's label space: labels go up to "
             f"{int(image_set.labels.max())}, the model has {num_classes} outputs"
         )
@@ -210,7 +214,7 @@ def _to_float(images: np.ndarray) -> Tensor:
 
 def _npz_set(path: Path, name: str, label_space: str | None) -> ImageSet:
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingFileError(f"data file not found: {path}")
     resolved = path.resolve()
     images, labels = _read_npz(str(resolved), resolved.stat().st_mtime_ns)
     return ImageSet(images, labels, f"{name} ({len(images)} images)", label_space)
@@ -222,21 +226,21 @@ def _read_npz(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise ValueError(f"could not read {path} as an .npz file: {exc}") from exc
+        raise DatdError(f"could not read {path} as an .npz file: {exc}") from exc
     if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path} is not an .npz archive (expected arrays 'x' and optionally 'y')")
+        raise DatdError(f"{path} is not an .npz archive (expected arrays 'x' and optionally 'y')")
     with archive:
         if "x" not in archive.files:
-            raise ValueError(f"{path} has no array 'x' (it has: {', '.join(archive.files) or 'nothing'})")
+            raise DatdError(f"{path} has no array 'x' (it has: {', '.join(archive.files) or 'nothing'})")
         images = archive["x"]
         labels = archive["y"] if "y" in archive.files else None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{path}: 'x' must be (N, H, W, 3) uint8 RGB, got {images.shape} {images.dtype}")
+        raise DatdError(f"{path}: 'x' must be (N, H, W, 3) uint8 RGB, got {images.shape} {images.dtype}")
     if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"{path}: 'y' must be ({len(images)},) integers, got {labels.shape} {labels.dtype}")
+            raise DatdError(f"{path}: 'y' must be ({len(images)},) integers, got {labels.shape} {labels.dtype}")
         if len(labels) and labels.min() < 0:
-            raise ValueError(f"{path}: 'y' has negative labels")
+            raise DatdError(f"{path}: 'y' has negative labels")
         labels = labels.astype(np.int64)
         labels.setflags(write=False)
     images.setflags(write=False)
@@ -246,10 +250,10 @@ def _read_npz(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray | None]:
 def _image_folder(root: Path) -> ImageSet:
     """ROOT/<class>/**/<image>: sorted class folders are labels 0..C-1, images sorted within each class."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise MissingFileError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"{root} has no class subfolders (expected ROOT/<class>/<image files>)")
+        raise DatdError(f"{root} has no class subfolders (expected ROOT/<class>/<image files>)")
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
@@ -257,7 +261,7 @@ def _image_folder(root: Path) -> ImageSet:
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise ValueError(f"{root} has no image files ({', '.join(sorted(_IMAGE_EXTENSIONS))}) in its class folders")
+        raise DatdError(f"{root} has no image files ({', '.join(sorted(_IMAGE_EXTENSIONS))}) in its class folders")
     imagenet = len(classes) == 1000 and all(_WNID.fullmatch(c) for c in classes)
     description = f"imagefolder {root} ({len(paths)} images, {len(classes)} classes)"
     return ImageSet(paths, np.array(labels, dtype=np.int64), description, "imagenet1k" if imagenet else None)

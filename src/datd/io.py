@@ -4,34 +4,94 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import DatdError, MissingFileError, reading
 from .inference import MEMORY_FORMATS, for_inference
 from .layers import FACTORIZED_TYPES
 from .surgery import apply_config
 
 
+MODEL_FORMAT = "datd-model/1"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically, on error it is
-    removed and ``path`` is left untouched."""
+    """Yield a temporary path next to ``path``; on success it is flushed to disk and replaces ``path``
+    atomically, on error it is removed and ``path`` is left untouched."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file (or a directory's entries) to the disk, so a rename never publishes a hole."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_result(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a result written by datd (a compressed-model config)."""
+    try:
+        return json.loads((Path(directory) / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == MODEL_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_directory(path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse (DatdError) an output path that is a file, or a directory holding anything but an earlier datd
+    result, unless ``overwrite``: checked before any work starts, so that nobody's files are replaced."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise DatdError(f"output path {target} exists and is not a directory")
+    if target.is_dir() and not overwrite and any(target.iterdir()) and not is_result(target):
+        raise DatdError(f"output directory {target} exists and holds other files; choose another --out or pass "
+                        "--overwrite to replace its contents")
+
+
+@contextmanager
+def output_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; once the block succeeds it becomes ``path`` (the
+    previous directory there is swapped out by two renames, then deleted), on error it is removed and
+    ``path`` is left as it was. Readers see the previous complete result or the new one, never a mixture
+    (a kill between the two renames leaves the previous result at ``.NAME.old-PID`` beside it)."""
+    target = Path(path)
+    check_output_directory(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        _fsync(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -47,15 +107,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-
-
-MODEL_FORMAT = "datd-model/1"
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+        raise MissingFileError(f"no such file: {path}")
+    with reading(f"{path} as JSON"):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def compression_config(model: nn.Module) -> dict[str, dict]:
@@ -84,25 +138,35 @@ def save(model: nn.Module, directory: str | os.PathLike, *, source: dict | None 
 
 
 def _checked_inference(inference: dict, where: Path) -> dict:
-    """{"memory_format": str, "forms": {layer: form}} with defaults, or ValueError."""
+    """{"memory_format": str, "forms": {layer: form}} with defaults, or DatdError."""
+    if not isinstance(inference, dict):
+        raise DatdError(f"{where}: 'inference' must be an object")
     memory_format = inference.get("memory_format", "contiguous")
     forms = inference.get("forms", {})
     if (memory_format not in MEMORY_FORMATS or not isinstance(forms, dict)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in forms.items())):
-        raise ValueError(f"{where}: 'inference' must hold a memory_format ({', '.join(MEMORY_FORMATS)}) and forms "
+        raise DatdError(f"{where}: 'inference' must hold a memory_format ({', '.join(MEMORY_FORMATS)}) and forms "
                          "mapping layer names to execution forms")
     return {"memory_format": memory_format, "forms": dict(forms)}
 
 
 def read_config(directory: str | os.PathLike) -> dict:
-    """The ``config.json`` of a saved compressed model (validated)."""
+    """The ``config.json`` of a saved compressed model (validated: DatdError otherwise)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"compressed model directory not found: {directory}")
-    config = read_json(directory / CONFIG_FILE)
+        raise MissingFileError(f"compressed model directory not found: {directory}")
+    where = directory / CONFIG_FILE
+    config = read_json(where)
     if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT or not isinstance(config.get("layers"), dict):
-        raise ValueError(f"{directory / CONFIG_FILE} is not a datd compressed-model config ({MODEL_FORMAT})")
-    config["inference"] = _checked_inference(config.get("inference") or {}, directory / CONFIG_FILE)
+        raise DatdError(f"{where} is not a datd compressed-model config ({MODEL_FORMAT})")
+    for name, entry in config["layers"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("method"), str) and isinstance(entry.get("bias"), bool)
+                and isinstance(entry.get("ranks"), list) and entry["ranks"]
+                and all(type(r) is int and r >= 1 for r in entry["ranks"])):
+            raise DatdError(f"{where}: layer '{name}' needs a method, positive integer ranks and a bias flag")
+    if not isinstance(config.get("source", {}), dict):
+        raise DatdError(f"{where}: 'source' must be an object")
+    config["inference"] = _checked_inference(config.get("inference") or {}, where)
     return config
 
 
@@ -112,14 +176,13 @@ def load(directory: str | os.PathLike, base_model: nn.Module, *, inference: bool
     (BatchNorms folded, the saved execution forms and memory format: ``datd.for_inference``)."""
     directory = Path(directory)
     config = read_config(directory)
-    apply_config(base_model, config["layers"])
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"missing {weights}")
-    try:
+        raise MissingFileError(f"missing {weights}")
+    with reading(weights):
         state = load_file(str(weights))
-    except SafetensorError as exc:
-        raise ValueError(f"cannot read {weights}: {exc}") from exc
+    with reading(f"{directory}: its configuration does not fit the base model"):
+        apply_config(base_model, config["layers"])
     # safetensors keeps no module versions; some modules check theirs when loading (torchvision's MNASNet):
     # the base model's own are the right ones, it is the same architecture
     state = OrderedDict(state)
@@ -127,7 +190,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, *, inference: bool
     try:
         base_model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{weights} does not fit the base model with the saved configuration: {exc}") from exc
+        raise DatdError(f"{weights} does not fit the base model with the saved configuration: {exc}") from exc
     if inference:
         return for_inference(base_model, **config["inference"])
     return base_model.eval()

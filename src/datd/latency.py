@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .errors import DatdError
 from .inference import MEMORY_FORMATS, as_form, for_inference, form_names
 from .io import read_json, write_json
 from .layers import build
@@ -191,7 +192,7 @@ class LatencyCache:
             if not isinstance(entries, dict) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
                     for k, v in entries.items()):
-                raise ValueError(f"{self.path} is not a datd latency cache ({CACHE_FORMAT}); pass another path or "
+                raise DatdError(f"{self.path} is not a datd latency cache ({CACHE_FORMAT}); pass another path or "
                                  "delete it")
             self.entries = {k: float(v) for k, v in entries.items()}
 

@@ -16,6 +16,7 @@ import torchvision
 from torch import Tensor, nn
 
 from .data import INTERPOLATIONS, Preprocessing, data_root
+from .errors import DatdError, MissingFileError, reading
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,7 +80,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+            raise DatdError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
@@ -125,7 +126,7 @@ def load_model(name: str, weights: str | None = None) -> LoadedModel:
     elif name in _torchvision_names():
         loaded = _load_torchvision(name, weights)
     else:
-        raise ValueError(
+        raise DatdError(
             f"unknown model {name!r}: expected one of {', '.join(CIFAR_NAMES)}, "
             "a torchvision classification model name (e.g. resnet18, resnet50, googlenet, mobilenet_v2; "
             "see list_models()), 'timm:<name>' or 'package.module:callable'"
@@ -143,7 +144,7 @@ def _load_cifar(name: str, weights: str | None) -> LoadedModel:
     if weights is None:
         found = sorted((data_root() / "models").glob(f"akamaster_resnet{depth}-*.th"))
         if not found:
-            raise ValueError(
+            raise DatdError(
                 f"no shipped checkpoint for {name} in {data_root() / 'models'}: "
                 "pass --weights PATH (a state dict) or --weights none (random init)"
             )
@@ -153,7 +154,7 @@ def _load_cifar(name: str, weights: str | None) -> LoadedModel:
         weights = "none"
     else:
         if weights == "DEFAULT":
-            raise ValueError(f"{name} has no torchvision weights: pass a state-dict path, or omit --weights")
+            raise DatdError(f"{name} has no torchvision weights: pass a state-dict path, or omit --weights")
         model = CifarResNet(depth)
         state = _read_state_dict(weights)
         _apply_state_dict(model, state, weights, name, hint=_cifar_depth_hint(state, depth))
@@ -190,7 +191,7 @@ def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
         mean, std = tuple(transforms.mean), tuple(transforms.std)
     else:
         if not Path(weights).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"weights file not found: {weights} (torchvision weights for {name} are "
                 f"{', '.join(enum.__members__)}, or 'none')"
             )
@@ -220,11 +221,11 @@ def _load_timm(name: str, weights: str | None) -> LoadedModel:
         import timm
         from timm.data import resolve_data_config
     except ImportError as exc:
-        raise ValueError(f"model {name!r} needs timm: pip install 'datd[timm]'") from exc
+        raise DatdError(f"model {name!r} needs timm: pip install 'datd[timm]'") from exc
     arch = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch}*")[:8]
-        raise ValueError(f"unknown timm model {arch!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
+        raise DatdError(f"unknown timm model {arch!r}" + (f" (did you mean: {', '.join(close)}?)" if close else ""))
     if weights is None or _is_none(weights):
         warnings.warn(f"{name} has random weights (weights 'none'): its accuracy will be meaningless; "
                       "pass --weights DEFAULT or --weights PATH for a trained model", stacklevel=3)
@@ -240,7 +241,7 @@ def _load_timm(name: str, weights: str | None) -> LoadedModel:
             ) from exc
     else:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file not found: {weights} (timm weights are 'DEFAULT', or 'none')")
+            raise MissingFileError(f"weights file not found: {weights} (timm weights are 'DEFAULT', or 'none')")
         model = timm.create_model(arch, pretrained=False)
         _apply_state_dict(model, _read_state_dict(weights), weights, name)
     config = resolve_data_config({}, model=model)
@@ -259,15 +260,15 @@ def _load_timm(name: str, weights: str | None) -> LoadedModel:
 def _load_callable(name: str, weights: str | None) -> LoadedModel:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"model {name!r}: expected 'package.module:callable'")
+        raise DatdError(f"model {name!r}: expected 'package.module:callable'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"model {name!r}: cannot import module {module_name!r}: {exc}") from exc
+        raise DatdError(f"model {name!r}: cannot import module {module_name!r}: {exc}") from exc
     try:
         factory = functools.reduce(getattr, attr.split("."), module)
     except AttributeError as exc:
-        raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}") from exc
+        raise DatdError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}") from exc
     if not callable(factory):
         raise TypeError(f"model {name!r}: {attr!r} is not callable")
     model = factory()
@@ -275,7 +276,7 @@ def _load_callable(name: str, weights: str | None) -> LoadedModel:
         raise TypeError(f"model {name!r}: {attr}() returned {type(model).__name__}, expected a torch.nn.Module")
     if weights is not None:
         if _is_none(weights):
-            raise ValueError(f"model {name!r}: weights 'none' is not supported for callables; omit --weights to keep "
+            raise DatdError(f"model {name!r}: weights 'none' is not supported for callables; omit --weights to keep "
                              "the callable's own weights")
         _apply_state_dict(model, _read_state_dict(weights), weights, name)
     preprocessing = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
@@ -306,23 +307,19 @@ def _read_state_dict(path: str) -> dict[str, Tensor]:
     """Tensors of a state-dict file (raw, or under 'state_dict'; a DataParallel 'module.' prefix is removed)."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
+        raise MissingFileError(f"weights file not found: {path}")
+    with reading(f"weights file {path} as a state dict (loaded with weights_only=True: pickled objects other than "
+                 "tensors and containers are refused)"):
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             obj = load_file(file)
         else:
             obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"could not read weights file {path} as a state dict (loaded with weights_only=True; "
-            f"pickled full models are refused): {exc}"
-        ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict (names -> tensors, or {{'state_dict': ...}})")
+        raise DatdError(f"weights file {path} does not hold a state dict (names -> tensors, or {{'state_dict': ...}})")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -337,7 +334,7 @@ def _apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str
                 for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                    ("shape mismatches, file vs model", mismatched)) if keys]
     if problems:
-        raise ValueError(f"weights file {source} does not fit model {name}: {'; '.join(problems)}{hint}")
+        raise DatdError(f"weights file {source} does not fit model {name}: {'; '.join(problems)}{hint}")
     model.load_state_dict(state, strict=True)
 
 
@@ -354,4 +351,4 @@ def _num_classes(model: nn.Module, name: str) -> int:
     convs = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     if linears or convs:
         return (linears or convs)[-1]
-    raise ValueError(f"model {name!r} has no Linear or Conv2d layer to read its number of classes from")
+    raise DatdError(f"model {name!r} has no Linear or Conv2d layer to read its number of classes from")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import hashlib
 import math
 import platform
 import time
@@ -25,7 +26,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checkpoint import Checkpoint, model_digest
 from .decompose import DEFAULT_SIGMA_REG, Decomposition
+from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
     NORMS, FitSettings, LayerProblem, damage, fit, relative_output_error, relative_sigma_error, svd_damage_curve,
@@ -36,6 +39,7 @@ from .latency import (
     tune_allocator,
 )
 from .layers import Cost, Geometry, dense_cost, factorize
+from .layers import build as build_factorized
 from .plan import (
     METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, damage_curve, factorized_cost,
     metric_of, rank_ladder, ranks_for_fraction,
@@ -44,7 +48,7 @@ from .probe import DamageProbe
 from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
 from .sensitivity import Sensitivity, output_sensitivity
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
-from .stats import Statistics, batch_inputs, collect_stats
+from .stats import MIN_CALIBRATION_IMAGES, Statistics, batch_inputs, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
 RANK_MODES = ("auto", "uniform")
@@ -130,23 +134,23 @@ class CompressConfig:
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
         if self.method not in METHODS + ("auto",):
-            raise ValueError(f"method must be one of {METHODS + ('auto',)}, got {self.method!r}")
+            raise DatdError(f"method must be one of {METHODS + ('auto',)}, got {self.method!r}")
         if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+            raise DatdError(f"norm must be one of {NORMS}, got {self.norm!r}")
         self.ranks = str(self.ranks)
         if self.ranks not in RANK_MODES and not Path(self.ranks).is_file():
-            raise ValueError(f"ranks must be 'auto', 'uniform' or an existing plan file, got {self.ranks!r}")
+            raise DatdError(f"ranks must be 'auto', 'uniform' or an existing plan file, got {self.ranks!r}")
         self.candidates = tuple(sorted(float(c) for c in self.candidates))
         if not self.candidates or not all(0 < c < 1 for c in self.candidates):
-            raise ValueError("candidates must be fractions in (0, 1)")
+            raise DatdError("candidates must be fractions in (0, 1)")
         if Target.parse(self.target).metric == "latency" and self.ranks != "auto":
-            raise ValueError("a latency target needs ranks='auto' (the allocation spends measured layer latencies)")
+            raise DatdError("a latency target needs ranks='auto' (the allocation spends measured layer latencies)")
         if self.rank_multiple < 0:
-            raise ValueError(f"rank_multiple must be >= 1 (or 0: automatic), got {self.rank_multiple}")
+            raise DatdError(f"rank_multiple must be >= 1 (or 0: automatic), got {self.rank_multiple}")
         if self.memory_format not in ("auto", *MEMORY_FORMATS):
-            raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
+            raise DatdError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {self.memory_format!r}")
         if self.probe_images < 0 or self.probe_rounds < 0:
-            raise ValueError("probe_images and probe_rounds must be >= 0")
+            raise DatdError("probe_images and probe_rounds must be >= 0")
         self.shrinkage = str(self.shrinkage)
         if self.shrinkage != "cv":
             try:
@@ -154,12 +158,12 @@ class CompressConfig:
             except ValueError:
                 alpha = -1.0
             if not 0 <= alpha <= 1:
-                raise ValueError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
+                raise DatdError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
         if self.propagate_group < 1 or self.propagate_ridge < 0:
-            raise ValueError("propagate_group must be >= 1 and propagate_ridge >= 0")
+            raise DatdError("propagate_group must be >= 1 and propagate_ridge >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise DatdError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def settings(self) -> FitSettings:
@@ -205,6 +209,8 @@ def compress(
     device: str | torch.device | None = None,
     progress: bool = True,
     fit_cache: dict | None = None,
+    checkpoint: Checkpoint | None = None,
+    stats_batches: Iterable | None = None,
     **overrides,
 ) -> tuple[nn.Module, dict]:
     """Compress a copy of ``model`` to the configured budget; return it with a report dict.
@@ -216,7 +222,10 @@ def compress(
     name)`` chooses the layers that may be compressed. ``eval_data``: (input, label) batches; when given,
     the report holds top-1 accuracy before and after. ``fit_cache``: a dict kept by the caller to reuse
     fits across calls on the same model with the same ``stats`` (e.g. to plan several budgets: the
-    candidate fits do not depend on the target).
+    candidate fits do not depend on the target). ``checkpoint``: a ``datd.checkpoint.Checkpoint`` that keeps
+    the statistics, the plan and each fitted layer on disk as they are done; with ``resume=True`` a run killed
+    at any point continues from there and gives the same result, bit for bit. ``stats_batches``: the batches of
+    the statistics pass when they are not ``calib`` (under torchrun: this rank's share, ``datd.distributed``).
 
     With a ``latency=F`` target, or ``measure_latency``, the report's "latency" entry holds the measured
     seconds per batch of the original and the compressed model in their inference forms
@@ -229,11 +238,15 @@ def compress(
     original = model.to(device).eval()
     settings, target = config.settings, Target.parse(config.target)
     multiple = _rank_multiple(config, device)
+    broken = next((n for n, t in original.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                  None)
+    if broken is not None:
+        raise DatdError(f"the model's weights hold NaN or Inf (first in '{broken}'): there is nothing sound to compress")
     first = batch_inputs(next(iter(calib))).to(device)
     try:
         before = Cost(count_params(original), count_macs(original, first[:1]))
     except RuntimeError as exc:  # checked before any work: wrong channels, a size the model cannot take, ...
-        raise ValueError(f"the calibration inputs (shape {tuple(first.shape[1:])} per sample) do not fit the model: "
+        raise DatdError(f"the calibration inputs (shape {tuple(first.shape[1:])} per sample) do not fit the model: "
                          f"{str(exc).splitlines()[0]}") from exc
 
     candidates = candidate_layers(original, filter_fn)
@@ -243,22 +256,47 @@ def compress(
         if reason:
             skipped[name] = reason
     wanted = [n for n in candidates if n not in skipped]
+    plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
+    unknown = [n for n in plan_file or () if n not in candidates]
+    if unknown:
+        more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+        raise DatdError(f"plan {config.ranks} names layer '{unknown[0]}'{more}, which is not a Conv2d/Linear layer of "
+                        "the model")
+    if checkpoint is not None:  # what this run is: a resume of anything else is refused
+        checkpoint.start({"config": asdict(config), "model": model_digest(original), "versions": _versions(),
+                          "calibration": {"first_batch": hashlib.sha256(first.cpu().numpy().tobytes()).hexdigest(),
+                                          "batches": len(calib) if hasattr(calib, "__len__") else None},
+                          "statistics": None if stats is None else {"images": stats.num_images, "layers": sorted(stats)},
+                          "plan": plan_file, "filter_fn": filter_fn is not None})
 
     tick = time.perf_counter()
     if stats is None:
-        stats = collect_stats(original, calib, wanted, device=device, progress=progress, uncalled="skip")
+        stats = checkpoint.statistics() if checkpoint is not None else None
+        if stats is None:
+            stats = collect_stats(original, calib if stats_batches is None else stats_batches, wanted, device=device,
+                                  progress=progress, uncalled="skip")
+            if checkpoint is not None:
+                checkpoint.save_statistics(stats)
+        if stats.num_images < MIN_CALIBRATION_IMAGES:
+            raise DatdError(f"at least {MIN_CALIBRATION_IMAGES} calibration images are needed (Σ is cross-validated over "
+                            f"two halves of them; hundreds are recommended), got {stats.num_images}")
         for name in [n for n in wanted if n not in stats]:
             skipped[name] = "never called on the calibration data (no statistics)"
         wanted = [n for n in wanted if n in stats]
+        thin = [n for n in wanted if stats[n].count < stats[n].sigma.shape[-1]]
+        if thin:
+            s = stats[thin[0]]
+            warnings.warn(f"{len(thin)} layer(s) saw fewer input vectors than their Σ has dimensions (e.g. '{thin[0]}': "
+                          f"{s.count} < {s.sigma.shape[-1]}): their Σ is rank-deficient and relies on its "
+                          "regularization; more calibration images give better fits", stacklevel=2)
     else:
         stats.check(original, required=wanted)
     timings["statistics"] = time.perf_counter() - tick
 
     if fit_cache is not None:
         if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
-            raise ValueError("fit_cache can only be reused with the same statistics object (pass stats=...)")
+            raise DatdError("fit_cache can only be reused with the same statistics object (pass stats=...)")
     layers: dict[str, _Layer] = {}
-    plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
     for name in wanted:
         if plan_file is not None and (name not in plan_file or plan_file[name][0] == "dense"):
             skipped[name] = "kept dense by the plan"
@@ -277,8 +315,9 @@ def compress(
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
     timings["sensitivity"] = time.perf_counter() - tick
 
+    planned = checkpoint.planning() if checkpoint is not None and target.metric != "latency" else None
     probe, probed, curve = None, {}, None
-    if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers:
+    if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers and planned is None:
         probe = DamageProbe(original, calib, config.probe_images, device=device)
 
     timing = None
@@ -308,29 +347,37 @@ def compress(
         total = metric_of(before, target.metric)
         fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
         budget = int(target.fraction * total) - fixed
-        if plan_file is not None:
-            choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
-        elif config.ranks == "uniform":
-            choice = _uniform(layers, budget, target, settings, total, fixed, multiple)
+        if planned is not None:
+            choice, probed, curve = planned["choice"], planned["probed"], planned["curve"]
+            timings.update(planned["timings"])
         else:
-            options = _options(layers, config, target, multiple, progress)
-            try:
+            if plan_file is not None:
+                choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
+            elif config.ranks == "uniform":
+                choice = _uniform(layers, budget, target, settings, total, fixed, multiple)
+            else:
+                options = _options(layers, config, target, multiple, progress)
+                try:
+                    choice = allocate(options, budget, target.metric)
+                except ValueError as exc:
+                    raise DatdError(_infeasible(target, total, fixed, options)) from exc
+            timings["planning"] = time.perf_counter() - tick
+            if probe is not None:  # 'auto' ranks: ``options`` exist
+                tick = time.perf_counter()
+                options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe, config)
                 choice = allocate(options, budget, target.metric)
-            except ValueError as exc:
-                raise ValueError(_infeasible(target, total, fixed, options)) from exc
-        timings["planning"] = time.perf_counter() - tick
-        if probe is not None:  # 'auto' ranks: ``options`` exist
-            tick = time.perf_counter()
-            options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe, config)
-            choice = allocate(options, budget, target.metric)
-            timings["damage probes"] = time.perf_counter() - tick
-        if config.ranks == "auto":
-            curve = damage_curve(options, total, fixed, target.metric)
+                timings["damage probes"] = time.perf_counter() - tick
+            if config.ranks == "auto":
+                curve = damage_curve(options, total, fixed, target.metric)
+            if checkpoint is not None:
+                checkpoint.save_planning(choice, probed, curve, {k: v for k, v in timings.items()
+                                                                 if k in ("planning", "damage probes")})
         tick = time.perf_counter()
         if config.propagate:
-            compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress)
+            compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress,
+                                                    checkpoint)
         else:
-            compressed, entries = _build(original, layers, choice, settings, progress)
+            compressed, entries = _build(original, layers, choice, settings, progress, checkpoint)
         timings["fitting"] = time.perf_counter() - tick
         latency = None
         if timing is not None:
@@ -357,6 +404,8 @@ def compress(
             warnings.warn(f"the compressed model is not faster than the original: {latency['ratio']:.2f}× its latency "
                           f"at batch {latency['batch']} ({target} target); use a latency= target to plan for speed",
                           stacklevel=2)
+    if checkpoint is not None and checkpoint.resumed:
+        report["resumed"] = dict(checkpoint.resumed)  # what came from the checkpoint
     if eval_data is not None:
         tick = time.perf_counter()
         report["accuracy_before"] = accuracy(original, eval_data, device=device, progress=progress)
@@ -366,22 +415,39 @@ def compress(
 
 
 def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Option], settings: FitSettings,
-           progress: bool) -> tuple[nn.Module, dict[str, dict]]:
-    """A copy of ``original`` with every layer of ``choice`` that is not 'dense' fitted and swapped in; the
-    per-layer report entries."""
+           progress: bool, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, dict[str, dict]]:
+    """A copy of ``original`` with every layer of ``choice`` that is not 'dense' fitted and swapped in (or
+    restored from ``checkpoint``; each new fit is saved there); the per-layer report entries."""
     compressed = copy.deepcopy(original)
     entries = {}
     for name, layer in tqdm(layers.items(), desc="fit", unit="layer", disable=not progress, leave=False):
         option = choice[name]
-        if option.method != "dense":
-            decomposition = _fit_cached(layer, option.method, option.ranks, settings)
-            entries[name] = _install(compressed, name, layer, layer.problem, decomposition, option, settings)
+        if option.method == "dense":
+            continue
+        saved = checkpoint.fit(name) if checkpoint is not None else None
+        if saved is not None:
+            entries[name] = _restore(compressed, name, layer, *saved)
+            continue
+        decomposition = _fit_cached(layer, option.method, option.ranks, settings)
+        entries[name] = _install(compressed, name, layer, layer.problem, decomposition, option, settings)
+        if checkpoint is not None:
+            checkpoint.save_fit(name, compressed.get_submodule(name), entries[name])
     return compressed, entries
+
+
+def _restore(compressed: nn.Module, name: str, layer: _Layer, structure: dict, state: dict[str, Tensor],
+             entry: dict) -> dict:
+    """Swap the factorized module saved by a checkpoint into ``compressed`` at ``name``; its report entry."""
+    with reading(f"the checkpoint of layer '{name}'"):
+        module = build_factorized(layer.module, structure["method"], tuple(structure["ranks"]), structure["bias"])
+        module.load_state_dict(state, strict=True)
+    replace_module(compressed, name, module)
+    return entry
 
 
 def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Option],
                       settings: FitSettings, calib: Iterable, first: Tensor, config: CompressConfig,
-                      progress: bool) -> tuple[nn.Module, dict[str, dict]]:
+                      progress: bool, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, dict[str, dict]]:
     """``_build`` with error-compensating fits (``datd.propagate``): the chosen layers in the order of their
     first call, ``config.propagate_group`` at a time, each fitted to reproduce the original layer's outputs
     from the inputs it receives in the model compressed so far."""
@@ -395,10 +461,17 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
     inputs = BatchCache(calib, first.device)
     bar = tqdm(total=len(order), desc="fit (propagated)", unit="layer", disable=not progress, leave=False)
     for start in range(0, len(order), config.propagate_group):
-        group = [n for n in order[start:start + config.propagate_group] if n in calls]
+        names = order[start:start + config.propagate_group]
+        saved = {n: checkpoint.fit(n) for n in names} if checkpoint is not None else {}
+        # the group's statistics are taken before any of it is installed, so restoring some changes nothing
+        group = [n for n in names if n in calls and saved.get(n) is None]
         paired = paired_statistics(original, compressed, group, calls, inputs) if group else {}
-        for name in order[start:start + config.propagate_group]:
+        for name in names:
             layer, option = layers[name], choice[name]
+            bar.update()
+            if saved.get(name) is not None:
+                entries[name] = _restore(compressed, name, layer, *saved[name])  # type: ignore[misc]
+                continue
             problem = layer.problem
             if name in paired:
                 problem = corrected_problem(problem, paired[name], settings.bias_correction, config.propagate_ridge,
@@ -406,7 +479,8 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
             decomposition = fit(problem, option.method, option.ranks, settings)
             entries[name] = _install(compressed, name, layer, problem, decomposition, option, settings)
             entries[name]["propagated"] = name in paired
-            bar.update()
+            if checkpoint is not None:
+                checkpoint.save_fit(name, compressed.get_submodule(name), entries[name])
     bar.close()
     return compressed, entries
 
@@ -711,7 +785,7 @@ def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: F
     if worst_total(low) > budget:
         options = {n: [Option(m, r, factorized_cost(m, layers[n].geometry, r)) for (n2, m), r in ranks_at(0.0).items() if n2 == n]
                    for n in layers}
-        raise ValueError(_infeasible(target, total, fixed, options))
+        raise DatdError(_infeasible(target, total, fixed, options))
     for _ in range(40):
         mid = (low + high) / 2
         low, high = (mid, high) if worst_total(mid) <= budget else (low, mid)
@@ -731,7 +805,7 @@ def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: F
 def _option_from_plan(name: str, layer: _Layer, entry: tuple[str, tuple[int, ...]]) -> Option:
     method, ranks = entry
     if method not in layer.methods:
-        raise ValueError(f"plan: layer '{name}' cannot use {method!r} (allowed: {', '.join(layer.methods)})")
+        raise DatdError(f"plan: layer '{name}' cannot use {method!r} (allowed: {', '.join(layer.methods)})")
     ranks = check_ranks(method, layer.geometry, ranks, name)
     return Option(method, ranks, factorized_cost(method, layer.geometry, ranks))
 
@@ -757,7 +831,8 @@ def _report(config: CompressConfig, candidates: dict[str, nn.Module], stats: Sta
             entries: dict[str, dict], before: Cost, after: Cost, timings: dict[str, float], start: float) -> dict:
     layers = []
     for name, module in candidates.items():
-        entry = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else "conv2d",
+        kind = {nn.Linear: "linear", nn.Conv2d: "conv2d"}.get(type(module), type(module).__name__)
+        entry = {"name": name, "kind": "linear" if isinstance(module, nn.Linear) else kind,
                  "shape": list(module.weight.shape)}
         s = stats.get(name)
         g = Geometry.of(module, s.input_hw, s.output_hw) if s is not None else None

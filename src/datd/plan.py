@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import DatdError
 from .io import read_json, write_json
 from .layers import FACTORIZED, Cost, Geometry, dense_cost
 
@@ -37,10 +38,10 @@ class Target:
             return spec
         match = re.fullmatch(rf"\s*({'|'.join(METRICS)})\s*=\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*", str(spec))
         if not match:
-            raise ValueError(f"target must look like 'params=0.5', 'macs=0.4' or 'latency=0.5', got {spec!r}")
+            raise DatdError(f"target must look like 'params=0.5', 'macs=0.4' or 'latency=0.5', got {spec!r}")
         fraction = float(match.group(2))
         if not 0 < fraction < 1:
-            raise ValueError(f"the target fraction must be in (0, 1), got {fraction}")
+            raise DatdError(f"the target fraction must be in (0, 1), got {fraction}")
         return cls(match.group(1), fraction)
 
     def __str__(self) -> str:
@@ -53,7 +54,7 @@ class Target:
 def metric_of(cost: Cost, metric: str) -> int:
     """``cost.params``, ``cost.macs`` or ``cost.latency`` (nanoseconds)."""
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}")
+        raise DatdError(f"unknown metric {metric!r}; choose from {METRICS}")
     return getattr(cost, metric)
 
 
@@ -88,7 +89,7 @@ def max_ranks(method: str, geometry: Geometry) -> tuple[int, ...]:
         return (n_out, n_in)
     if method == "cp":
         return (n_out * n_in * p,)
-    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    raise DatdError(f"unknown method {method!r}; choose from {METHODS}")
 
 
 def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tuple[int, ...]]:
@@ -97,7 +98,7 @@ def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tupl
     m = max(T, S), keeping R_T/T ≈ R_S/S. With ``multiple`` M > 1 every rank is a multiple of M (Tucker-2
     ranks are rounded up to one, capped at the channel count): hardware-friendly ranks."""
     if multiple < 1:
-        raise ValueError(f"the rank multiple must be >= 1, got {multiple}")
+        raise DatdError(f"the rank multiple must be >= 1, got {multiple}")
     dense = dense_cost(geometry)
     n_out, n_in = _channels(geometry)
     if method == "tucker2":
@@ -125,9 +126,9 @@ def check_ranks(method: str, geometry: Geometry, ranks: tuple[int, ...], layer: 
     ranks = tuple(int(r) for r in ranks)
     bounds = max_ranks(method, geometry)
     if len(ranks) != len(bounds) or any(not 1 <= r <= b for r, b in zip(ranks, bounds)):
-        raise ValueError(f"layer '{layer}': {method} ranks must be {len(bounds)} integers in [1, {bounds}], got {list(ranks)}")
+        raise DatdError(f"layer '{layer}': {method} ranks must be {len(bounds)} integers in [1, {bounds}], got {list(ranks)}")
     if factorized_cost(method, geometry, ranks).params >= dense_cost(geometry).params:
-        raise ValueError(f"layer '{layer}': {method} ranks {list(ranks)} would not make the layer smaller")
+        raise DatdError(f"layer '{layer}': {method} ranks {list(ranks)} would not make the layer smaller")
     return ranks
 
 
@@ -173,7 +174,7 @@ def allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict
     hulls = {name: _lower_hull(opts, metric) for name, opts in options.items()}
     cheapest = sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
     if cheapest > budget:
-        raise ValueError(f"budget infeasible: the cheapest choice costs {cheapest:,} {metric}, the budget is {budget:,}")
+        raise DatdError(f"budget infeasible: the cheapest choice costs {cheapest:,} {metric}, the budget is {budget:,}")
     position = {name: 0 for name in hulls}
     total = sum(metric_of(h[0].cost, metric) for h in hulls.values())
 
@@ -326,14 +327,16 @@ class Plan:
         """Layer -> (method, ranks) from a plan file (validated against the model later, in one place)."""
         data = read_json(path)
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT or not isinstance(data.get("layers"), dict):
-            raise ValueError(f"{path} is not a datd plan (format {PLAN_FORMAT}, with a 'layers' object)")
+            raise DatdError(f"{path} is not a datd plan (format {PLAN_FORMAT}, with a 'layers' object)")
         out = {}
         for name, entry in data["layers"].items():
-            try:
-                method, ranks = entry["method"], tuple(entry.get("ranks", ()))
-            except (TypeError, KeyError) as exc:
-                raise ValueError(f"{path}: layer '{name}' needs 'method' and 'ranks'") from exc
-            if method not in METHODS + ("dense",):
-                raise ValueError(f"{path}: layer '{name}' has unknown method {method!r}")
+            if not isinstance(entry, dict) or "method" not in entry:
+                raise DatdError(f"{path}: layer '{name}' needs 'method' and 'ranks'")
+            method, ranks = entry["method"], entry.get("ranks", [])
+            if not isinstance(method, str) or method not in METHODS + ("dense",):
+                raise DatdError(f"{path}: layer '{name}' has unknown method {method!r}")
+            if not isinstance(ranks, list) or not all(type(r) is int for r in ranks):
+                raise DatdError(f"{path}: layer '{name}': ranks must be a list of integers, got {ranks!r}")
+            ranks = tuple(ranks)
             out[name] = (method, ranks)
         return out

@@ -21,11 +21,12 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .errors import DatdError, MissingFileError, reading
 from .io import atomic_path
 from .layers import SUPPORTED
 
@@ -35,6 +36,8 @@ LayerFilter = Callable[[nn.Module, str], bool]
 # formed in the compute dtype (float32 by default: GEMMs at twice the float64 speed, rounding bounded in tests)
 # and accumulated in float64.
 _CHUNK_ELEMENTS = 1 << 24
+# Σ is cross-validated over two halves of the images (datd.shrinkage): one image cannot be split
+MIN_CALIBRATION_IMAGES = 2
 
 
 @dataclass
@@ -106,31 +109,27 @@ class Statistics(dict[str, LayerStats]):
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Statistics":
-        """Read a file written by ``save``; with ``model``, check that every layer exists there with the
-        same kind and weight shape (ValueError naming the first mismatching layer)."""
+        """Read a file written by ``save`` (every shape, count and value checked: DatdError otherwise); with
+        ``model``, check that every layer exists there with the same kind and weight shape (DatdError naming
+        the first mismatching layer)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"statistics file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("datd")
-                meta = json.loads(raw) if raw else None
-                if not meta or meta.get("format") != FORMAT:
-                    raise ValueError(f"{path} is not a datd statistics file (format {FORMAT})")
-                layers = {}
-                keys = set(f.keys())
-                for name, m in meta["layers"].items():
-                    optional = {key: f.get_tensor(f"{name}.{key}") if f"{name}.{key}" in keys else None
-                                for key in ("sigma_pooled", "sigma_half", "mean_half")}
-                    layers[name] = LayerStats(
-                        kind=m["kind"], weight_shape=tuple(m["weight_shape"]), groups=m["groups"],
-                        sigma=f.get_tensor(f"{name}.sigma"), mean=f.get_tensor(f"{name}.mean"),
-                        count=m["count"], input_hw=tuple(m["input_hw"]), output_hw=tuple(m["output_hw"]),
-                        count_half=m.get("count_half", 0), **optional,
-                    )
-        except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"cannot read statistics from {path}: {exc}") from exc
-        stats = cls(layers, meta["num_images"], meta.get("description", ""))
+            raise MissingFileError(f"statistics file not found: {path}")
+        with reading(f"statistics from {path}"), safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("datd")
+            meta = json.loads(raw) if raw else None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("layers"), dict):
+                raise DatdError(f"{path} is not a datd statistics file (format {FORMAT})")
+            keys = set(f.keys())
+            layers = {}
+            for name, m in meta["layers"].items():
+                tensors = {key: f.get_tensor(f"{name}.{key}") if f"{name}.{key}" in keys else None
+                           for key in ("sigma", "mean", "sigma_pooled", "sigma_half", "mean_half")}
+                layers[name] = _checked_layer(name, m, tensors, path)
+            num_images = meta.get("num_images")
+            if not isinstance(num_images, int) or num_images < 1:
+                raise DatdError(f"{path}: num_images must be a positive integer")
+            stats = cls(layers, num_images, str(meta.get("description", "")))
         if model is not None:
             stats.check(model)
         return stats
@@ -142,19 +141,61 @@ class Statistics(dict[str, LayerStats]):
         for name, s in self.items():
             module = modules.get(name)
             if module is None:
-                raise ValueError(f"statistics do not match the model: layer '{name}' is not in the model")
+                raise DatdError(f"statistics do not match the model: layer '{name}' is not in the model")
             kind = _kind(module)
             shape = tuple(module.weight.shape) if kind else None
             if kind != s.kind or shape != s.weight_shape:
-                raise ValueError(
+                raise DatdError(
                     f"statistics do not match the model at layer '{name}': statistics were collected for "
                     f"{s.kind} {s.weight_shape}, the model has {kind or type(module).__name__} {shape}"
                 )
         missing = [n for n in required if n not in self]
         if missing:
-            raise ValueError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
+            raise DatdError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
                              f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
                              "model, or leave those layers out with filter_fn)")
+
+
+def _checked_layer(name: str, m: object, tensors: dict[str, Tensor | None], path: Path) -> LayerStats:
+    """One layer of a statistics file, its metadata and tensors checked against each other."""
+    def bad(what: str) -> DatdError:
+        return DatdError(f"{path}: layer '{name}': {what}")
+
+    def ints(value: object, n: int | None = None) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, int) and v >= 1 for v in value) \
+                or (n is not None and len(value) != n):
+            raise bad(f"expected {n or 'some'} positive integers, got {value!r}")
+        return tuple(value)
+
+    if not isinstance(m, dict) or m.get("kind") not in ("conv2d", "linear"):
+        raise bad("kind must be 'conv2d' or 'linear'")
+    weight_shape = ints(m.get("weight_shape"), 4 if m["kind"] == "conv2d" else 2)
+    groups, count, count_half = m.get("groups"), m.get("count"), m.get("count_half", 0)
+    if not (isinstance(groups, int) and groups >= 1 and isinstance(count, int) and count >= 1
+            and isinstance(count_half, int) and 0 <= count_half <= count):
+        raise bad("groups and count must be positive integers, count_half in [0, count]")
+    d = weight_shape[1] * (weight_shape[2] * weight_shape[3] if len(weight_shape) == 4 else 1)
+    lead = (groups,) if groups > 1 else ()
+    shapes = {"sigma": lead + (d, d), "mean": lead + (d,), "sigma_pooled": lead + (d, d), "sigma_half": lead + (d, d),
+              "mean_half": lead + (d,)}
+    for key, shape in shapes.items():
+        t = tensors[key]
+        if t is None:
+            if key in ("sigma", "mean"):
+                raise bad(f"no tensor '{name}.{key}'")
+            continue
+        if tuple(t.shape) != shape or t.dtype != torch.float64:
+            raise bad(f"'{key}' is {t.dtype} {tuple(t.shape)}, expected float64 {shape}")
+        if not torch.isfinite(t).all():
+            raise bad(f"'{key}' holds NaN or Inf")
+    if (tensors["sigma_half"] is None) != (tensors["mean_half"] is None):
+        raise bad("sigma_half and mean_half come together")
+    return LayerStats(
+        kind=m["kind"], weight_shape=weight_shape, groups=groups, sigma=tensors["sigma"], mean=tensors["mean"],  # type: ignore[arg-type]
+        count=count, input_hw=ints(m.get("input_hw"), 2), output_hw=ints(m.get("output_hw"), 2),  # type: ignore[arg-type]
+        count_half=count_half, sigma_pooled=tensors["sigma_pooled"], sigma_half=tensors["sigma_half"],
+        mean_half=tensors["mean_half"],
+    )
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -177,9 +218,9 @@ def select_layers(model: nn.Module, layers: Iterable[str] | LayerFilter | None =
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules:
-            raise ValueError(f"layer '{name}' is not in the model")
+            raise DatdError(f"layer '{name}' is not in the model")
         if name not in supported:
-            raise ValueError(f"layer '{name}' is a {type(modules[name]).__name__}; only Conv2d and Linear are supported")
+            raise DatdError(f"layer '{name}' is a {type(modules[name]).__name__}; only Conv2d and Linear are supported")
         chosen[name] = supported[name]
     return chosen
 
@@ -258,7 +299,7 @@ class _Accumulator:
         float64 totals, and to fold A's when its samples are even-numbered. The products are refused when not
         finite (their diagonal holds every x_d², so any NaN/Inf input shows there)."""
         if not torch.isfinite(outer.diagonal(dim1=-2, dim2=-1)).all():
-            raise ValueError(f"non-finite input to layer '{self.name}': the calibration data or model produce NaN/Inf")
+            raise DatdError(f"non-finite input to layer '{self.name}': the calibration data or model produce NaN/Inf")
         outer, total = outer.double(), total.double()
         self.sum_outer += outer
         self.sum += total
@@ -298,12 +339,14 @@ class _Accumulator:
         self.calls += pooled.shape[1]
 
     def result(self) -> LayerStats:
+        """The layer's statistics (once: the sums are turned into the moments in place)."""
         if self.count == 0:
-            raise ValueError(f"layer '{self.name}' was never called during the calibration forward passes")
-        sigma, mean = self.sum_outer / self.count, self.sum / self.count
-        pooled = None if self.sum_pooled is None else self.sum_pooled / self.calls  # None: every patch is its image's
+            raise DatdError(f"layer '{self.name}' was never called during the calibration forward passes")
+        # divided in place: the sums become the moments (no second copy of every Σ at the end of a run)
+        sigma, mean = self.sum_outer.div_(self.count), self.sum.div_(self.count)
+        pooled = None if self.sum_pooled is None else self.sum_pooled.div_(self.calls)  # None: one position per image
         half = max(self.count_half, 1)
-        sigma_half, mean_half = self.sum_outer_half / half, self.sum_half / half
+        sigma_half, mean_half = self.sum_outer_half.div_(half), self.sum_half.div_(half)
         if self.sum.shape[0] == 1:
             sigma, mean, pooled = sigma[0], mean[0], None if pooled is None else pooled[0]
             sigma_half, mean_half = sigma_half[0], mean_half[0]
@@ -342,6 +385,37 @@ def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:
 
 
 @torch.no_grad()
+def sums_bytes(model: nn.Module, example: Tensor, layers: Iterable[str] | LayerFilter | None = None) -> dict[str, int]:
+    """Bytes of the float64 sums ``collect_stats`` keeps for each layer (Σ of all images, of the even-image fold,
+    and the pooled part where a call has several positions, plus the means), from one forward pass of
+    ``example`` (its first sample). The whole pass needs these, the forward pass and one chunk of patch
+    products (≤ 2^24 elements in the compute dtype) at a time."""
+    chosen = select_layers(model, layers)
+    sizes: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            groups = module.groups if isinstance(module, nn.Conv2d) else 1
+            dim = module.weight.shape[1] * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
+            if isinstance(module, nn.Conv2d):
+                positions = conv_patches(module, x[:1])[0].shape[-1]
+            else:
+                positions = x[:1].numel() // x.shape[-1]
+            matrices = 3 if positions > 1 else 2
+            sizes[name] = 8 * groups * (matrices * dim * dim + 2 * dim)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in chosen.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
 def collect_stats(
     model: nn.Module,
     batches: Iterable,
@@ -361,12 +435,12 @@ def collect_stats(
     the dtype in which each chunk's patch products are formed ('float32', or 'float64' for a reference); the
     sums over chunks are float64 either way."""
     if uncalled not in ("raise", "skip"):
-        raise ValueError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
+        raise DatdError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
     if precision not in ("float32", "float64"):
-        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        raise DatdError(f"precision must be 'float32' or 'float64', got {precision!r}")
     chosen = select_layers(model, layers)
     if not chosen:
-        raise ValueError("no Conv2d or Linear layer selected")
+        raise DatdError("no Conv2d or Linear layer selected")
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -387,7 +461,7 @@ def collect_stats(
             h.remove()
         model.train(was_training)
     if num_images == 0:
-        raise ValueError("the calibration data yielded no batches")
+        raise DatdError("the calibration data yielded no batches")
     if dist.is_available() and dist.is_initialized():
         total_images = torch.tensor([float(num_images)], dtype=torch.float64, device=device)
         dist.all_reduce(total_images)

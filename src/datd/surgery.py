@@ -43,8 +43,11 @@ def skip_reason(module: nn.Module, min_params: int) -> str | None:
 
 
 def candidate_layers(model: nn.Module, filter_fn: LayerFilter | None = None) -> dict[str, nn.Module]:
-    """Conv2d/Linear modules by qualified name that pass ``filter_fn(module, name)``."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED) and (filter_fn is None or filter_fn(m, n))}
+    """Convolutions of any kind and Linear modules by qualified name that pass ``filter_fn(module, name)``: the
+    supported ones (Conv2d/Linear) and those a user may expect to be compressed (transposed, 1-D and 3-D
+    convolutions), which ``skip_reason`` names as unsupported so that the report says why they stay."""
+    kinds = SUPPORTED + (nn.modules.conv._ConvNd,)
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds) and (filter_fn is None or filter_fn(m, n))}
 
 
 def apply_config(model: nn.Module, config: dict[str, dict]) -> nn.Module:

@@ -1,0 +1,5 @@
+"""``python -m datd``: the ``datd`` command."""
+
+from .cli import main
+
+main(prog_name="datd")
