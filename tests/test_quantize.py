@@ -1,0 +1,62 @@
+"""int8 on top: ONNX Runtime static quantization of compressed models."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import datd
+from datd.cli import main
+from datd.errors import DatdError
+from datd.export import OnnxModel
+from datd.models import load_model
+from datd.quantize import quantize
+
+
+@pytest.fixture(scope="module")
+def compressed():
+    model = load_model("cifar_resnet20").model
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 32, 32)
+    return datd.compress(model, [images[:32], images[32:]], target="params=0.5", candidates=(0.3, 0.6),
+                         candidate_iter=2, max_iter=2, sensitivity=False, probe_images=0, measure_latency=False,
+                         progress=False)
+
+
+def test_the_int8_model_computes_what_the_float_model_does(compressed, tmp_path):
+    model, report = compressed
+    torch.manual_seed(1)
+    calib = [torch.randn(32, 3, 32, 32) for _ in range(4)]
+    path = quantize(model, calib, tmp_path / "m.int8.onnx", images=128, **report["inference"])
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    got = OnnxModel(path)(x)
+    assert got.shape == expected.shape
+    assert ((got - expected).norm() / expected.norm()).item() < 0.1  # int8 rounding, not a different function
+    assert path.stat().st_size < 0.6 * sum(p.numel() * 4 for p in model.parameters())  # int8 weights (+ scales)
+
+
+def test_bad_quantization_settings_are_refused(compressed, tmp_path):
+    model, _ = compressed
+    with pytest.raises(DatdError, match="calibration method"):
+        quantize(model, [torch.randn(4, 3, 32, 32)], tmp_path / "m.onnx", method="magic")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
+def test_int8_resnet20_stays_within_a_point_of_the_float_compressed_model(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r20"
+    result = runner.invoke(main, ["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--calib", "1024",
+                                  "--target", "params=0.5", "--no-measure-latency", "--eval-limit", "100",
+                                  "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["quantize", str(out), "--data", "cifar10", "--eval-limit", "2000"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "quantized.json").read_text())
+    accuracy = report["accuracy"]
+    assert accuracy["float"] > 0.88 and abs(accuracy["int8"] - accuracy["float"]) <= 0.01
+    assert report["bytes"] < 0.6 * report["bytes_float"]
+    assert report["latency"]["int8_s"] > 0 and (out / "model.int8.onnx").is_file()
