@@ -50,6 +50,8 @@ from datd.models import load_model
 from datd.stats import batch_inputs
 
 NAME = "latency"
+# results dated before this were timed with spinning ONNX Runtime sessions (their ORT columns are unreliable)
+SPINNING_FIXED = "2026-11-30T01"
 CIFAR_TARGETS = ["macs=0.5", "latency=0.8", "latency=0.7", "latency=0.5", "latency=0.35"]  # 0.8: the demo's
 PARETO_TARGETS = ["latency=0.9", "latency=0.8", "latency=0.7", "latency=0.6"]
 PARETO_METHODS = ["auto", "cp", "tucker2"]
@@ -312,7 +314,8 @@ def markdown(rows: list[dict], figures: list[str]) -> str:
             top1 = f"{_acc(r['accuracy_before'])} → {_acc(r['accuracy'])}" if r["accuracy"] is not None else "—"
             cells = [r["model"], f"{r['target']} ({r['plan_batch']})", top1, _fmt(r["params_ratio"]), _fmt(r["macs_ratio"])]
             cells += [_fmt(_ratio(r["times"], "eager", b)) for b in batches]
-            cells += [_fmt(_ratio(r["times"], "ort", b)) for b in batches]
+            mark = "*" if r.get("date", "") < SPINNING_FIXED else ""
+            cells += [_fmt(_ratio(r["times"], "ort", b)) + mark for b in batches]
             cells += [_fmt(_ratio(r["times"], "eager", batches[-1], to="original_as_given"))]
             if section == "cifar":
                 cells += [_fmt(_ratio(r["times"], "eager_default_malloc", "32"))]
@@ -322,6 +325,10 @@ def markdown(rows: list[dict], figures: list[str]) -> str:
             f"{name} b{b}: eager {1e3 * t['eager'][b]['original']:.1f} (as given {1e3 * t['eager'][b]['original_as_given']:.1f})"
             + (f", ORT {1e3 * t['ort'][b]['original']:.1f}" if "ort" in t else "")
             for name, t in {r["model"]: r["times"] for r in chosen}.items() for b in batches) + ".", ""]
+        if any(r.get("date", "") < SPINNING_FIXED for r in chosen):
+            lines += ["\\* measured before ONNX Runtime sessions stopped spinning between runs (2026-11-30): the session "
+                      "timed beside a spinning one loses cores, so these ORT ratios are unreliable (ResNet-20's original "
+                      "at b32 took 19.2 ms then, 8.2 ms since); rerun the section to refresh them.", ""]
     pareto_rows = [r for r in results if r["section"] == "pareto"]
     if pareto_rows:
         lines += ["### Accuracy against measured latency (batch 32, torch eager)", "",

@@ -20,7 +20,7 @@ def test_help_documents_every_option():
         assert option in out
     assert "latency=F" in out
     assert "--debug" in invoke(["--help"]).output
-    for command in ("compress", "stats", "eval", "export", "demo"):
+    for command in ("compress", "stats", "eval", "export", "quantize", "finetune", "demo"):
         assert command in invoke(["--help"]).output
     out = invoke(["export", "--help"]).output
     for option in ("--format", "--out", "--input-size", "onnx", "torchscript"):

@@ -46,14 +46,10 @@ def test_bad_quantization_settings_are_refused(compressed, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_resnet20_stays_within_a_point_of_the_float_compressed_model(tmp_path):
-    runner = CliRunner()
+def test_int8_resnet20_stays_within_a_point_of_the_float_compressed_model(tmp_path, compress_resnet20_cli):
     out = tmp_path / "r20"
-    result = runner.invoke(main, ["compress", "--model", "cifar_resnet20", "--data", "cifar10", "--calib", "1024",
-                                  "--target", "params=0.5", "--no-measure-latency", "--eval-limit", "100",
-                                  "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["quantize", str(out), "--data", "cifar10", "--eval-limit", "2000"])
+    compress_resnet20_cli(out, "params=0.5")
+    result = CliRunner().invoke(main, ["quantize", str(out), "--data", "cifar10", "--eval-limit", "2000"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "quantized.json").read_text())
     accuracy = report["accuracy"]

@@ -339,7 +339,7 @@ def export_command(directory, format_, out_path, input_size) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--data", required=True, help="calibration data for the activation ranges: " + DATA_HELP)
 @click.option("--calib", default=512, show_default=True, help="number of calibration images")
-@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="minmax", show_default=True,
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="percentile", show_default=True,
               help="how activation ranges are calibrated")
 @click.option("--eval-data", default=None, help="evaluation data (default: the test split of --data when labelled)")
 @click.option("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
@@ -393,6 +393,69 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
     click.echo(f"size      {result['bytes_float'] / 2**20:.2f} MiB float -> {result['bytes'] / 2**20:.2f} MiB int8")
     click.echo(f"model     {out}")
     click.echo(f"report    {Path(directory) / 'quantized.json'}")
+
+
+@main.command("finetune")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--data", required=True, help="training images (labels optional): " + DATA_HELP)
+@click.option("--calib", default=2048, show_default=True, help="number of training images")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True, help="Adam learning rate (cosine decay to 0)")
+@click.option("--temperature", default=1.0, show_default=True, help="softening of both models' outputs")
+@click.option("--label-weight", default=0.0, show_default=True,
+              help="weight of the cross-entropy with the labels, when the data has them (0: distillation only)")
+@click.option("--mirror/--no-mirror", default=True, show_default=True,
+              help="flip each training image left-right with probability 1/2 (off for text, digits, ...)")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--eval-data", default=None, help="evaluation data (default: the test split of --data when labelled)")
+@click.option("--eval-limit", type=int, default=None, help="evaluate on the first N images only")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="output directory [default: DIRECTORY-finetuned]; DIRECTORY itself is left as it is")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
+@click.option("--seed", default=0, show_default=True, help="seed of the image subset and of the epochs' order")
+@click.option("--overwrite", is_flag=True, help="replace an --out directory that holds other files")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint of the last finished epoch (OUT.partial/)")
+def finetune_command(directory, data, calib, epochs, lr, temperature, label_weight, mirror, batch_size, eval_data,
+                     eval_limit, out_dir, device, seed, overwrite, resume) -> None:
+    """Optional: distil the original model into a compressed one (KL to its outputs on unlabelled images,
+    labels used with --label-weight); writes a new compressed-model directory with finetune.json."""
+    from .finetune import distill, mean_kl
+
+    device = _device(device)
+    config = io.read_config(directory)
+    teacher = _compressed_base(directory, config["source"])
+    student = io.load(directory, _compressed_base(directory, config["source"]).model)
+    out = Path(out_dir or str(directory).rstrip("/") + "-finetuned")
+    io.check_output_directory(out, overwrite)
+    loader = calibration_loader(data, teacher.preprocessing, calib, batch_size=batch_size, seed=seed)
+    evaluation = _eval_data(eval_data or data, teacher, eval_limit, required=eval_data is not None)
+    partial = out.with_name(out.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    click.echo(f"distilling {config['source'].get('model')} into {directory}: {epochs} epoch(s) over {calib} images of "
+               f"{data} on {device} (checkpoints in {partial})", err=True)
+    result: dict = {"epochs": epochs, "lr": lr, "temperature": temperature, "label_weight": label_weight,
+                    "mirror": mirror, "data": data, "calib": calib, "batch_size": batch_size, "seed": seed}
+    if evaluation is not None:
+        result["accuracy_before"] = accuracy(student, evaluation, device=device, progress=False)
+        result["kl_before"] = mean_kl(student, teacher.model, evaluation, device=device)
+    result["history"] = distill(student, teacher.model, loader, epochs=epochs, lr=lr, temperature=temperature,
+                                label_weight=label_weight, mirror=mirror, seed=seed, device=device,
+                                checkpoint=partial / "finetune.pt", resume=resume,
+                                on_epoch=lambda e, h: click.echo(f"epoch {e}: loss {h['loss']:.4f}", err=True))
+    if evaluation is not None:
+        result["accuracy_after"] = accuracy(student, evaluation, device=device, progress=False)
+        result["kl_after"] = mean_kl(student, teacher.model, evaluation, device=device)
+    with io.output_directory(out, overwrite=overwrite) as tmp:
+        io.save(student, tmp, source=config["source"], inference=config["inference"])
+        io.write_json(tmp / "finetune.json", result)
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    if "accuracy_after" in result:
+        click.echo(f"accuracy  {100 * result['accuracy_before']:.2f}% -> {100 * result['accuracy_after']:.2f}% "
+                   f"after {epochs} epoch(s) of distillation (KL to the original {result['kl_before']:.4f} -> "
+                   f"{result['kl_after']:.4f} nats per image)")
+    click.echo(f"model     {out}/")
 
 
 def _batches_of(loader, images: int):

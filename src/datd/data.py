@@ -46,7 +46,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             raise DatdError(f"preprocessing needs three means and three positive stds, got mean={self.mean}, "
-                             f"std={self.std}")
+                            f"std={self.std}")
         if self.size is not None and self.size < 1 or self.resize is not None and self.resize < 1:
             raise DatdError(f"preprocessing sizes must be positive, got size={self.size}, resize={self.resize}")
         if self.size is not None and self.resize is not None and self.resize < self.size:
@@ -158,7 +158,7 @@ def calibration_loader(spec: str, preprocessing: Preprocessing, num_images: int,
                         f"two halves of them; hundreds are recommended), got {num_images}")
     if num_images > len(image_set):
         raise DatdError(f"asked for {num_images} calibration images but {image_set.description} has only "
-                         f"{len(image_set)}")
+                        f"{len(image_set)}")
     indices = np.random.default_rng(seed).permutation(len(image_set))[:num_images]
     chosen = image_set.subset(indices, f"random {num_images}, seed {seed}")
     return DataLoader(ImageDataset(chosen, preprocessing), batch_size=batch_size, shuffle=False)

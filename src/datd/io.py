@@ -146,7 +146,7 @@ def _checked_inference(inference: dict, where: Path) -> dict:
     if (memory_format not in MEMORY_FORMATS or not isinstance(forms, dict)
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in forms.items())):
         raise DatdError(f"{where}: 'inference' must hold a memory_format ({', '.join(MEMORY_FORMATS)}) and forms "
-                         "mapping layer names to execution forms")
+                        "mapping layer names to execution forms")
     return {"memory_format": memory_format, "forms": dict(forms)}
 
 

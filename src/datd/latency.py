@@ -193,7 +193,7 @@ class LatencyCache:
                     isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
                     for k, v in entries.items()):
                 raise DatdError(f"{self.path} is not a datd latency cache ({CACHE_FORMAT}); pass another path or "
-                                 "delete it")
+                                "delete it")
             self.entries = {k: float(v) for k, v in entries.items()}
 
     def get(self, key: str) -> float | None:

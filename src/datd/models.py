@@ -277,7 +277,7 @@ def _load_callable(name: str, weights: str | None) -> LoadedModel:
     if weights is not None:
         if _is_none(weights):
             raise DatdError(f"model {name!r}: weights 'none' is not supported for callables; omit --weights to keep "
-                             "the callable's own weights")
+                            "the callable's own weights")
         _apply_state_dict(model, _read_state_dict(weights), weights, name)
     preprocessing = Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return LoadedModel(model, name, weights, preprocessing, num_classes=_num_classes(model, name))

@@ -247,7 +247,7 @@ def compress(
         before = Cost(count_params(original), count_macs(original, first[:1]))
     except RuntimeError as exc:  # checked before any work: wrong channels, a size the model cannot take, ...
         raise DatdError(f"the calibration inputs (shape {tuple(first.shape[1:])} per sample) do not fit the model: "
-                         f"{str(exc).splitlines()[0]}") from exc
+                        f"{str(exc).splitlines()[0]}") from exc
 
     candidates = candidate_layers(original, filter_fn)
     skipped: dict[str, str] = {}

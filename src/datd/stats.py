@@ -152,8 +152,8 @@ class Statistics(dict[str, LayerStats]):
         missing = [n for n in required if n not in self]
         if missing:
             raise DatdError(f"statistics do not match the model: no statistics for layer '{missing[0]}'"
-                             f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
-                             "model, or leave those layers out with filter_fn)")
+                            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} (collect them for this "
+                            "model, or leave those layers out with filter_fn)")
 
 
 def _checked_layer(name: str, m: object, tensors: dict[str, Tensor | None], path: Path) -> LayerStats:
