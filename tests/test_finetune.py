@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from datd.data import calibration_loader
 from datd.errors import DatdError
-from datd.finetune import distill
+from datd.finetune import distill, mean_kl
 from datd.models import load_model
 
 
@@ -19,15 +19,6 @@ def setup():
     return teacher.model, data
 
 
-def _kl(student, teacher, data):
-    total = 0.0
-    with torch.no_grad():
-        for x, _ in data:
-            total += F.kl_div(F.log_softmax(student(x), 1), F.log_softmax(teacher(x), 1), log_target=True,
-                              reduction="sum").item()
-    return total
-
-
 class Stop(Exception):
     pass
 
@@ -35,10 +26,10 @@ class Stop(Exception):
 def test_distillation_brings_the_student_closer_and_resumes_bit_identically(compressed_resnet20, setup, tmp_path):
     teacher, data = setup
     student = copy.deepcopy(compressed_resnet20).eval()
-    before = _kl(student, teacher, data)
+    before = mean_kl(student, teacher, data)
     history = distill(student, teacher, data, epochs=2, lr=1e-3, checkpoint=tmp_path / "a.pt", progress=False)
     assert [h["epoch"] for h in history] == [1, 2] and history[1]["loss"] < history[0]["loss"]
-    assert _kl(student.eval(), teacher, data) < 0.8 * before
+    assert mean_kl(student, teacher, data) < 0.8 * before
 
     def stop(epoch, _):
         if epoch == 1:

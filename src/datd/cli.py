@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -354,26 +356,24 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
     import tempfile
 
     from .export import OnnxModel
-    from .latency import compare
+    from .latency import compare, example_batch
     from .quantize import quantize
 
-    config = io.read_config(directory)
-    loaded = _compressed_base(directory, config["source"])
-    model = io.load(directory, _compressed_base(directory, config["source"]).model)
+    config, loaded, model = _open_compressed(directory)
     out = Path(out_path or Path(directory) / "model.int8.onnx")
     loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=64, seed=seed)
     evaluation = _eval_data(eval_data or data, loaded, eval_limit, required=eval_data is not None)
     click.echo(f"quantizing {directory} to int8 ({calib} calibration images from {data}, {method} ranges)", err=True)
-    quantize(model, loader, out, images=calib, method=method, **config["inference"])
-    example = batch_inputs(next(iter(loader)))[:2]
-    result: dict = {"file": str(out), "bytes": out.stat().st_size, "calib": calib, "data": data, "method": method}
+    first = batch_inputs(next(iter(loader)))
+    result: dict = {"calib": calib, "data": data, "method": method}
     with tempfile.TemporaryDirectory(prefix="datd-quantize-") as work:
-        export(loaded.model, example, Path(work) / "original.onnx")
-        export(model, example, Path(work) / "float.onnx", **config["inference"])
-        sessions = {"original": OnnxModel(Path(work) / "original.onnx"), "float": OnnxModel(Path(work) / "float.onnx"),
+        float_file = Path(work) / "float.onnx"
+        quantize(model, loader, out, images=calib, method=method, float_path=float_file, **config["inference"])
+        export(loaded.model, first[:2], Path(work) / "original.onnx")
+        sessions = {"original": OnnxModel(Path(work) / "original.onnx"), "float": OnnxModel(float_file),
                     "int8": OnnxModel(out)}
-        result["bytes_float"] = (Path(work) / "float.onnx").stat().st_size
-        batch = torch.cat([x for x, *_ in _batches_of(loader, latency_batch)])[:latency_batch]
+        result.update(file=str(out), bytes=out.stat().st_size, bytes_float=float_file.stat().st_size)
+        batch = example_batch(first, latency_batch)
         seconds = compare(sessions, batch)
         result["latency"] = {"batch": batch.shape[0], "threads": torch.get_num_threads(), "runtime": "onnxruntime cpu",
                              **{f"{k}_s": v for k, v in seconds.items()},
@@ -422,9 +422,7 @@ def finetune_command(directory, data, calib, epochs, lr, temperature, label_weig
     from .finetune import distill, mean_kl
 
     device = _device(device)
-    config = io.read_config(directory)
-    teacher = _compressed_base(directory, config["source"])
-    student = io.load(directory, _compressed_base(directory, config["source"]).model)
+    config, teacher, student = _open_compressed(directory)
     out = Path(out_dir or str(directory).rstrip("/") + "-finetuned")
     io.check_output_directory(out, overwrite)
     loader = calibration_loader(data, teacher.preprocessing, calib, batch_size=batch_size, seed=seed)
@@ -448,8 +446,6 @@ def finetune_command(directory, data, calib, epochs, lr, temperature, label_weig
     with io.output_directory(out, overwrite=overwrite) as tmp:
         io.save(student, tmp, source=config["source"], inference=config["inference"])
         io.write_json(tmp / "finetune.json", result)
-    import shutil
-
     shutil.rmtree(partial, ignore_errors=True)
     if "accuracy_after" in result:
         click.echo(f"accuracy  {100 * result['accuracy_before']:.2f}% -> {100 * result['accuracy_after']:.2f}% "
@@ -458,14 +454,12 @@ def finetune_command(directory, data, calib, epochs, lr, temperature, label_weig
     click.echo(f"model     {out}/")
 
 
-def _batches_of(loader, images: int):
-    """Batches of ``loader`` until ``images`` images are covered."""
-    seen = 0
-    for batch in loader:
-        yield batch if isinstance(batch, (tuple, list)) else (batch,)
-        seen += batch_inputs(batch).shape[0]
-        if seen >= images:
-            return
+def _open_compressed(directory):
+    """A compressed directory's config, its original model (rebuilt from the config's source) and the
+    compressed model (a copy of the original with the saved compression applied)."""
+    config = io.read_config(directory)
+    original = _compressed_base(directory, config["source"])
+    return config, original, io.load(directory, copy.deepcopy(original.model))
 
 
 def _compressed_base(directory, source: dict):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
 from .errors import DatdError, MissingFileError
-from .stats import MIN_CALIBRATION_IMAGES
+from .stats import check_calibration_size
 
 SPLITS = ("calib", "eval")
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -153,9 +153,7 @@ def calibration_loader(spec: str, preprocessing: Preprocessing, num_images: int,
     """Batches (x (B, 3, h, w), labels (B,)) of ``num_images`` images drawn from the calibration split with
     numpy.random.default_rng(seed).permutation."""
     image_set = load_images(spec, "calib")
-    if num_images < MIN_CALIBRATION_IMAGES:
-        raise DatdError(f"at least {MIN_CALIBRATION_IMAGES} calibration images are needed (Σ is cross-validated over "
-                        f"two halves of them; hundreds are recommended), got {num_images}")
+    check_calibration_size(num_images)
     if num_images > len(image_set):
         raise DatdError(f"asked for {num_images} calibration images but {image_set.description} has only "
                         f"{len(image_set)}")

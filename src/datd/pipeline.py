@@ -48,7 +48,7 @@ from .probe import DamageProbe
 from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
 from .sensitivity import Sensitivity, output_sensitivity
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
-from .stats import MIN_CALIBRATION_IMAGES, Statistics, batch_inputs, collect_stats
+from .stats import Statistics, batch_inputs, check_calibration_size, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
 RANK_MODES = ("auto", "uniform")
@@ -277,9 +277,7 @@ def compress(
                                   progress=progress, uncalled="skip")
             if checkpoint is not None:
                 checkpoint.save_statistics(stats)
-        if stats.num_images < MIN_CALIBRATION_IMAGES:
-            raise DatdError(f"at least {MIN_CALIBRATION_IMAGES} calibration images are needed (Σ is cross-validated over "
-                            f"two halves of them; hundreds are recommended), got {stats.num_images}")
+        check_calibration_size(stats.num_images)
         for name in [n for n in wanted if n not in stats]:
             skipped[name] = "never called on the calibration data (no statistics)"
         wanted = [n for n in wanted if n in stats]

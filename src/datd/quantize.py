@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import DatdError
@@ -53,10 +52,12 @@ def _reader(calib: Iterable, images: int):
 
 
 def quantize(model: nn.Module, calib: Iterable, path: str | os.PathLike, *, forms: dict[str, str] | None = None,
-             memory_format: str = "contiguous", images: int = 512, method: str = "percentile") -> Path:
+             memory_format: str = "contiguous", images: int = 512, method: str = "percentile",
+             float_path: str | os.PathLike | None = None) -> Path:
     """Write an int8 ONNX model of ``model``'s inference form (``forms``/``memory_format`` as in
     ``for_inference``) to ``path``, with activation ranges calibrated on up to ``images`` images of ``calib``
-    by ``method`` ('minmax', 'percentile' or 'entropy'). Returns ``path``."""
+    by ``method`` ('minmax', 'percentile' or 'entropy'). ``float_path``: where to keep the (checked) float ONNX
+    model it starts from, e.g. to time the two side by side. Returns ``path``."""
     if method not in CALIBRATION_METHODS:
         raise DatdError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     if images < 1:
@@ -69,18 +70,18 @@ def quantize(model: nn.Module, calib: Iterable, path: str | os.PathLike, *, form
     model = model.cpu().eval()
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="datd-quantize-") as work:
-        float_file, prepared = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
+        float_file = Path(float_path) if float_path is not None else Path(work) / "float.onnx"
+        prepared = Path(work) / "prepared.onnx"
         export(model, example, float_file, "onnx", forms=forms, memory_format=memory_format)
         quant_pre_process(str(float_file), str(prepared))
         with atomic_path(path) as tmp:
             out = tmp.with_suffix(".onnx")
             try:
-                with torch.inference_mode():
-                    quantize_static(str(prepared), str(out), _reader(calib, images), quant_format=QuantFormat.QDQ,
-                                    per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                                    calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                                      "percentile": CalibrationMethod.Percentile,
-                                                      "entropy": CalibrationMethod.Entropy}[method])
+                quantize_static(str(prepared), str(out), _reader(calib, images), quant_format=QuantFormat.QDQ,
+                                per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                                calibrate_method={"minmax": CalibrationMethod.MinMax,
+                                                  "percentile": CalibrationMethod.Percentile,
+                                                  "entropy": CalibrationMethod.Entropy}[method])
                 os.replace(out, tmp)
             finally:
                 out.unlink(missing_ok=True)

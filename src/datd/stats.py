@@ -40,6 +40,19 @@ _CHUNK_ELEMENTS = 1 << 24
 MIN_CALIBRATION_IMAGES = 2
 
 
+def patch_dim(weight_shape: Iterable[int]) -> int:
+    """D, the length of one input vector of a layer (per group): S·kh·kw for a conv weight (T, S, kh, kw), S for a
+    Linear's (T, S); Σ is D×D."""
+    return math.prod(tuple(weight_shape)[1:])
+
+
+def check_calibration_size(images: int) -> None:
+    """DatdError unless ``images`` calibration images are enough to estimate (and cross-validate) Σ."""
+    if images < MIN_CALIBRATION_IMAGES:
+        raise DatdError(f"at least {MIN_CALIBRATION_IMAGES} calibration images are needed (Σ is cross-validated over "
+                        f"two halves of them; hundreds are recommended), got {images}")
+
+
 @dataclass
 class LayerStats:
     """Input statistics of one layer.
@@ -174,7 +187,7 @@ def _checked_layer(name: str, m: object, tensors: dict[str, Tensor | None], path
     if not (isinstance(groups, int) and groups >= 1 and isinstance(count, int) and count >= 1
             and isinstance(count_half, int) and 0 <= count_half <= count):
         raise bad("groups and count must be positive integers, count_half in [0, count]")
-    d = weight_shape[1] * (weight_shape[2] * weight_shape[3] if len(weight_shape) == 4 else 1)
+    d = patch_dim(weight_shape)
     lead = (groups,) if groups > 1 else ()
     shapes = {"sigma": lead + (d, d), "mean": lead + (d,), "sigma_pooled": lead + (d, d), "sigma_half": lead + (d, d),
               "mean_half": lead + (d,)}
@@ -259,7 +272,7 @@ class _Accumulator:
         self.name, self.module, self.device, self.compute = name, module, device, compute
         self.kind = _kind(module)
         groups = module.groups if self.kind == "conv2d" else 1
-        dim = module.weight.shape[1] * (module.weight.shape[2] * module.weight.shape[3] if self.kind == "conv2d" else 1)
+        dim = patch_dim(module.weight.shape)
         self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
         self.sum_pooled: Tensor | None = None  # while every call had one position per sample, it equals sum_outer
@@ -397,7 +410,7 @@ def sums_bytes(model: nn.Module, example: Tensor, layers: Iterable[str] | LayerF
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0]
             groups = module.groups if isinstance(module, nn.Conv2d) else 1
-            dim = module.weight.shape[1] * (math.prod(module.kernel_size) if isinstance(module, nn.Conv2d) else 1)
+            dim = patch_dim(module.weight.shape)
             if isinstance(module, nn.Conv2d):
                 positions = conv_patches(module, x[:1])[0].shape[-1]
             else:
