@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .errors import DatdError, MissingFileError, reading
 from .io import atomic_path
 from .layers import SUPPORTED
+from .patch_moments import ConvGeometry, accumulate_shifted, channel_major, geometry_of, prefers_shifts, tap_major
 
 FORMAT = "datd-stats/1"
 LayerFilter = Callable[[nn.Module, str], bool]
@@ -36,6 +37,8 @@ LayerFilter = Callable[[nn.Module, str], bool]
 # formed in the compute dtype (float32 by default: GEMMs at twice the float64 speed, rounding bounded in tests)
 # and accumulated in float64.
 _CHUNK_ELEMENTS = 1 << 24
+# Images whose mean patches are gathered before their outer products are added to the pooled sum at once.
+_POOLED_ROWS = 512
 # Σ is cross-validated over two halves of the images (datd.shrinkage): one image cannot be split
 MIN_CALIBRATION_IMAGES = 2
 
@@ -266,22 +269,27 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
 
 
 class _Accumulator:
-    """Streaming float64 sums of x xᵀ and x for one layer."""
+    """Streaming float64 sums of x xᵀ and x for one layer, per fold ([0]: the even-numbered images or samples,
+    [1]: the others). A conv's sums are kept in tap-major order ((tap, channel), ``datd.patch_moments``), where
+    only the blocks p ≤ p' of x xᵀ need to be complete; ``result`` turns them into ``F.unfold`` order."""
 
     def __init__(self, name: str, module: nn.Module, device: torch.device, compute: torch.dtype = torch.float32):
         self.name, self.module, self.device, self.compute = name, module, device, compute
         self.kind = _kind(module)
-        groups = module.groups if self.kind == "conv2d" else 1
+        self.groups = module.groups if self.kind == "conv2d" else 1
+        self.taps = math.prod(module.kernel_size) if self.kind == "conv2d" else 1
         dim = patch_dim(module.weight.shape)
-        self.sum_outer = torch.zeros(groups, dim, dim, dtype=torch.float64, device=device)
-        self.sum = torch.zeros(groups, dim, dtype=torch.float64, device=device)
-        self.sum_pooled: Tensor | None = None  # while every call had one position per sample, it equals sum_outer
-        self.sum_outer_half = torch.zeros_like(self.sum_outer)  # even-numbered images (samples) only
-        self.sum_half = torch.zeros_like(self.sum)
-        self.count_half = 0
-        self.count = 0
+        self.sum_outer = torch.zeros(2, self.groups, dim, dim, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(2, self.groups, dim, dtype=torch.float64, device=device)
+        self.sum_pooled: Tensor | None = None  # while every call had one position per sample, it equals Σ of sum_outer
+        self.counts = [0, 0]
         self.calls = 0  # images (one per sample of each call) behind sum_pooled
+        self.pending: list[Tensor] = []  # mean patches (G, N, D) not yet added to sum_pooled
         self.input_hw = self.output_hw = (0, 0)
+
+    @property
+    def count(self) -> int:
+        return self.counts[0] + self.counts[1]
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().to(device=self.device, dtype=self.compute)
@@ -289,98 +297,148 @@ class _Accumulator:
             if x.dim() == 3:
                 x = x.unsqueeze(0)
             self.input_hw = (x.shape[2], x.shape[3])
-            step = max(1, _CHUNK_ELEMENTS // (x[0].numel() * math.prod(module.kernel_size)))
+            geometry = geometry_of(module, conv_pad(module), self.input_hw)
+            self.output_hw = geometry.output_hw
+            shifts = module.padding_mode == "zeros" and prefers_shifts(geometry, x.shape[1] // module.groups)
+            per_image = x[0].numel() * (2 if shifts else self.taps)
+            step = max(1, _CHUNK_ELEMENTS // per_image)
             for start in range(0, x.shape[0], step):
-                cols, self.output_hw = conv_patches(module, x[start:start + step])
-                self._add_conv(cols)
+                self._add_conv(x[start:start + step], geometry if shifts else None)
         else:
             dim = x.shape[-1]
             self.input_hw = self.output_hw = (x[0].numel() // dim if x.dim() > 1 else 1, 1)
             per_sample = x.reshape(x.shape[0], -1, dim) if x.dim() > 1 else x[None, None]
             self._pool_from(per_sample.shape[1])
             first = self.calls % 2  # index in this call of its first even-numbered sample
-            self._add_pooled(per_sample.mean(dim=1)[None].double())
+            self._add_pooled(per_sample.mean(dim=1)[None])
             step = max(1, _CHUNK_ELEMENTS // dim)
-            for even, part in ((True, per_sample[first::2]), (False, per_sample[1 - first::2])):
+            for fold, part in enumerate((per_sample[first::2], per_sample[1 - first::2])):
                 rows = part.reshape(-1, dim)
                 for start in range(0, rows.shape[0], step):
                     chunk = rows[start:start + step]
-                    self._add(chunk.T @ chunk, chunk.sum(dim=0), chunk.shape[0], even)
+                    total = chunk.sum(dim=0)
+                    self._check(total)
+                    self.sum_outer[fold, 0] += (chunk.T @ chunk).double()
+                    self._add(fold, total, chunk.shape[0])
 
-    def _add(self, outer: Tensor, total: Tensor, count: int, even: bool) -> None:
-        """Add one part's x xᵀ sum (G, D, D) or (D, D), x sum and sample count (in the compute dtype) to the
-        float64 totals, and to fold A's when its samples are even-numbered. The products are refused when not
-        finite (their diagonal holds every x_d², so any NaN/Inf input shows there)."""
-        if not torch.isfinite(outer.diagonal(dim1=-2, dim2=-1)).all():
+    def _check(self, sums: Tensor) -> None:
+        """Refuse non-finite inputs, seen in sums over them (a NaN/Inf input makes its sums NaN or Inf)."""
+        if not torch.isfinite(sums).all():
             raise DatdError(f"non-finite input to layer '{self.name}': the calibration data or model produce NaN/Inf")
-        outer, total = outer.double(), total.double()
-        self.sum_outer += outer
-        self.sum += total
-        self.count += count
-        if even:
-            self.sum_outer_half += outer
-            self.sum_half += total
-            self.count_half += count
 
-    def _add_conv(self, cols: Tensor) -> None:
-        """cols: (N, G, D, L) patch columns in the compute dtype."""
-        n, groups, dim, positions = cols.shape
+    def _add(self, fold: int, total: Tensor, count: int) -> None:
+        self.sum[fold] += total.double()
+        self.counts[fold] += count
+
+    def _blocks(self, matrix: Tensor) -> Tensor:
+        """The (…, taps, C, taps, C) view of tap-major (…, D, D) sums."""
+        *lead, d, _ = matrix.shape
+        return matrix.view(*lead, self.taps, d // self.taps, self.taps, d // self.taps)
+
+    def _add_conv(self, x: Tensor, geometry: ConvGeometry | None) -> None:
+        """x: (N, S, H, W) inputs in the compute dtype; their patch moments from shifted cross-correlations
+        (``datd.patch_moments``, both folds and every group in the same calls) when ``geometry`` is given, else
+        from im2col columns."""
+        positions = self.output_hw[0] * self.output_hw[1]
         self._pool_from(positions)
         first = self.calls % 2  # index in this chunk of its first even-numbered image
-        for even in (True, False):
-            part = cols[(first if even else 1 - first)::2]
+        parts = [x[first::2], x[1 - first::2]]
+        if geometry is not None:
+            n = max(p.shape[0] for p in parts)
+            stacked = torch.cat([p if p.shape[0] == n else F.pad(p, (0, 0, 0, 0, 0, 0, 0, n - p.shape[0]))
+                                 for p in parts], dim=1)  # (n, folds·S, H, W): an absent image is zeros
+            blocks = self.sum_outer.view(2 * self.groups, self.taps, -1, self.taps, self.sum_outer.shape[-1] // self.taps)
+            per_image = accumulate_shifted(stacked, geometry, blocks, sets=2 * self.groups)  # (n, taps, 2G, C)
+            per_image = per_image.permute(2, 0, 1, 3).reshape(2, self.groups, n, -1)  # (folds, G, n, D) tap-major
+        for fold, part in enumerate(parts):
             if part.shape[0] == 0:
                 continue
-            if positions >= dim:  # per-image products avoid a transposed copy of the patches
-                outer = (part @ part.transpose(2, 3)).sum(dim=0)
+            if geometry is None:
+                outer, _, sums = self._im2col_moments(part)
+                self._blocks(self.sum_outer[fold]).add_(outer)
             else:
-                rows = part.permute(1, 0, 3, 2).reshape(groups, part.shape[0] * positions, dim)
-                outer = rows.transpose(1, 2) @ rows
-            self._add(outer, part.sum(dim=(0, 3)), part.shape[0] * positions, even)
-        self._add_pooled(cols.mean(dim=3).transpose(0, 1).double())  # (G, N, D): each image's mean patch
+                sums = per_image[fold, :, :part.shape[0]]
+            total = sums.sum(dim=1)
+            self._check(total)
+            self._add(fold, total, part.shape[0] * positions)
+            self._add_pooled(sums / positions)
+
+    def _im2col_moments(self, part: Tensor) -> tuple[Tensor, int, Tensor]:
+        """Σ x xᵀ (G, taps, C, taps, C), the patch count and each image's patch sum (G, N, D), tap-major, of
+        ``part``'s im2col columns."""
+        cols, _ = conv_patches(self.module, part)  # (N, G, D, L), D channel-major
+        n, groups, dim, positions = cols.shape
+        if positions >= dim:  # per-image products avoid a transposed copy of the patches
+            outer = (cols @ cols.transpose(2, 3)).sum(dim=0)
+        else:
+            rows = cols.permute(1, 0, 3, 2).reshape(groups, n * positions, dim)
+            outer = rows.transpose(1, 2) @ rows
+        sums = cols.sum(dim=3).transpose(0, 1)  # (G, N, D)
+        channels = dim // self.taps
+        return (tap_major(outer, self.taps), n * positions,
+                sums.reshape(groups, n, channels, self.taps).transpose(2, 3).reshape(groups, n, dim))
 
     def _pool_from(self, positions: int) -> None:
-        """Call before adding a call's patches to sum_outer: from the first call with more than one position per
-        image on, sum_pooled is kept apart (until then it equals sum_outer and is not stored)."""
+        """Call before adding a call's patches: from the first call with more than one position per image on,
+        sum_pooled is kept apart (until then it equals the sum of both folds and is not stored)."""
         if positions > 1 and self.sum_pooled is None:
-            self.sum_pooled = self.sum_outer.clone()
+            self.sum_pooled = self.sum_outer.sum(dim=0)
 
     def _add_pooled(self, pooled: Tensor) -> None:
-        """Add each image's mean patch (G, N, D)."""
+        """Add each image's mean patch (G, N, D), in the compute dtype. They are gathered until ``_POOLED_ROWS``
+        images are waiting and then added as one product (one pass over the D×D sum per batch of images, not per
+        call)."""
         if self.sum_pooled is not None:
-            self.sum_pooled += pooled.transpose(1, 2) @ pooled
+            self.pending.append(pooled)
+            if sum(p.shape[1] for p in self.pending) >= _POOLED_ROWS:
+                self._flush_pooled()
         self.calls += pooled.shape[1]
 
+    def _flush_pooled(self) -> None:
+        if self.pending and self.sum_pooled is not None:
+            means = torch.cat(self.pending, dim=1)
+            self.sum_pooled += (means.transpose(1, 2) @ means).double()
+        self.pending = []
+
+    def _unfold_order(self, sums: Tensor) -> Tensor:
+        """Tap-major x xᵀ sums (G, D, D) in ``F.unfold`` order (a new tensor for kernels with several taps)."""
+        return sums if self.taps == 1 else channel_major(self._blocks(sums))
+
     def result(self) -> LayerStats:
-        """The layer's statistics (once: the sums are turned into the moments in place)."""
+        """The layer's statistics (once: the sums are released as they become the moments)."""
         if self.count == 0:
             raise DatdError(f"layer '{self.name}' was never called during the calibration forward passes")
-        # divided in place: the sums become the moments (no second copy of every Σ at the end of a run)
-        sigma, mean = self.sum_outer.div_(self.count), self.sum.div_(self.count)
-        pooled = None if self.sum_pooled is None else self.sum_pooled.div_(self.calls)  # None: one position per image
-        half = max(self.count_half, 1)
-        sigma_half, mean_half = self.sum_outer_half.div_(half), self.sum_half.div_(half)
-        if self.sum.shape[0] == 1:
+        half = max(self.counts[0], 1)
+        sums, self.sum_outer = self.sum_outer, None  # type: ignore[assignment]
+        sigma = self._unfold_order(sums[1].add_(sums[0])).div_(self.count)  # (a view of fold 1 for a single tap)
+        sigma_half = self._unfold_order(sums[0]).div_(half)
+        del sums
+        means = self.sum.view(2, self.groups, self.taps, -1).transpose(2, 3).reshape(2, self.groups, -1)
+        mean_half, mean = means[0] / half, (means[0] + means[1]) / self.count
+        pooled = None  # one position per image: Σ itself
+        self._flush_pooled()
+        if self.sum_pooled is not None:
+            pooled, self.sum_pooled = self._unfold_order(self.sum_pooled).div_(self.calls), None
+        if self.groups == 1:
             sigma, mean, pooled = sigma[0], mean[0], None if pooled is None else pooled[0]
             sigma_half, mean_half = sigma_half[0], mean_half[0]
-        groups = self.module.groups if self.kind == "conv2d" else 1
         return LayerStats(
-            kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=groups, sigma=sigma, mean=mean,
+            kind=self.kind, weight_shape=tuple(self.module.weight.shape), groups=self.groups, sigma=sigma, mean=mean,
             count=self.count, input_hw=self.input_hw, output_hw=self.output_hw, sigma_pooled=pooled,
-            sigma_half=sigma_half, mean_half=mean_half, count_half=self.count_half,
+            sigma_half=sigma_half, mean_half=mean_half, count_half=self.counts[0],
         )
 
     def all_reduce(self) -> None:
+        self._flush_pooled()
         pooled = torch.tensor([float(self.sum_pooled is not None)], device=self.sum.device)
         dist.all_reduce(pooled, op=dist.ReduceOp.MAX)
         if pooled.item() and self.sum_pooled is None:  # another rank saw several positions per image
-            self.sum_pooled = self.sum_outer.clone()
-        counts = torch.tensor([float(self.count), float(self.calls), float(self.count_half)], dtype=torch.float64,
+            self.sum_pooled = self.sum_outer.sum(dim=0)
+        counts = torch.tensor([float(self.counts[0]), float(self.counts[1]), float(self.calls)], dtype=torch.float64,
                               device=self.sum.device)
-        for t in ((self.sum_outer, self.sum, self.sum_outer_half, self.sum_half, counts)
-                  + ((self.sum_pooled,) if self.sum_pooled is not None else ())):
+        for t in ((self.sum_outer, self.sum, counts) + ((self.sum_pooled,) if self.sum_pooled is not None else ())):
             dist.all_reduce(t)
-        self.count, self.calls, self.count_half = (int(c) for c in counts.tolist())
+        self.counts[0], self.counts[1], self.calls = (int(c) for c in counts.tolist())
 
 
 def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:
