@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 
 from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, svd, tucker2
+from .decompose.cp import sweep_macs as cp_sweep_macs
+from .decompose.tucker2 import sweep_macs as tucker2_sweep_macs
 from .decompose._linalg import prepare_sigma, sigma_matmul, top_eigh
 from .layers import Geometry
 from .sensitivity import Sensitivity
@@ -105,12 +107,25 @@ class LayerProblem:
 
 @dataclass(frozen=True)
 class FitSettings:
+    """How a layer is fitted. ``budget``: the multiply-adds one iterative fit may spend (``sweeps``: its sweeps are
+    cut to what the budget pays for; None = ``max_iter`` sweeps whatever they cost)."""
+
     norm: str = "sigma"
     bias_correction: bool = True
     sigma_reg: float = DEFAULT_SIGMA_REG
     max_iter: int = 100
     tol: float = 1e-5
     seed: int = 0
+    budget: float | None = None
+
+
+def sweeps(method: str, shape: tuple[int, ...], ranks: tuple[int, ...], settings: FitSettings) -> int:
+    """The sweeps a fit of ``method`` at ``ranks`` gets for a weight (one group's) of ``shape``: ``max_iter``, or
+    fewer where ``settings.budget`` pays for fewer (0: not even one, besides the closed-form start)."""
+    if method == "svd" or settings.budget is None:
+        return settings.max_iter
+    per_sweep = tucker2_sweep_macs(shape, ranks) if method == "tucker2" else cp_sweep_macs(shape, ranks[0])
+    return min(settings.max_iter, int(settings.budget // per_sweep))
 
 
 def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
@@ -122,10 +137,11 @@ def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: Fi
     w, reg = problem.weight.detach(), settings.sigma_reg
     if method == "svd":
         return svd(w, sigma, ranks[0], sigma_reg=reg)
+    n_sweeps = sweeps(method, tuple(w.shape), tuple(ranks), settings)
     if method == "tucker2":
-        return tucker2(w, sigma, tuple(ranks), max_iter=settings.max_iter, tol=settings.tol, sigma_reg=reg)
+        return tucker2(w, sigma, tuple(ranks), max_iter=n_sweeps, tol=settings.tol, sigma_reg=reg)
     if method == "cp":
-        return cp(w, sigma, ranks[0], max_iter=settings.max_iter, tol=settings.tol, seed=settings.seed, sigma_reg=reg)
+        return cp(w, sigma, ranks[0], max_iter=n_sweeps, tol=settings.tol, seed=settings.seed, sigma_reg=reg)
     raise ValueError(f"unknown method {method!r}")
 
 

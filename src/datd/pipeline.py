@@ -32,6 +32,7 @@ from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
     NORMS, FitSettings, LayerProblem, damage, fit, relative_output_error, relative_sigma_error, svd_damage_curve,
+    sweeps,
 )
 from .inference import MEMORY_FORMATS, for_inference
 from .latency import (
@@ -75,7 +76,13 @@ class CompressConfig:
         ('auto' ranks); False weighs all output errors equally.
     sensitivity_images: calibration images used to measure sensitivities.
     candidates: per-layer cost fractions at which iterative decompositions are fitted as planning options
-        (with at most ``candidate_iter`` sweeps; the chosen ones are then refitted with ``max_iter``).
+        (with at most ``candidate_iter`` sweeps, stopped once a sweep gains less than ``candidate_tol`` of the
+        error; the chosen ones are then refitted with ``max_iter`` and ``tol``).
+    candidate_budget / fit_budget: the multiply-adds one planning fit / one final fit of a layer may spend
+        (``datd.fitting.sweeps``): their sweeps are cut to what the budget pays for, and a planning option whose
+        fit cannot pay for one sweep is not offered. The defaults bind only on wide layers (from 256 channels
+        with 3×3 kernels: a CP sweep of a 512-channel layer costs 3·10¹⁰–5·10¹¹), which would otherwise take
+        hours on a CPU; None lifts them.
     min_params: layers with fewer weights are left alone.
     rank_multiple: every rank a multiple of this (hardware-friendly ranks); 0 = automatic: for latency
         targets the device's granularity (``datd.latency.default_rank_multiple``: 16 on AVX-512 CPUs, else 8),
@@ -113,8 +120,11 @@ class CompressConfig:
     min_params: int = 1000
     sigma_reg: float = DEFAULT_SIGMA_REG
     candidate_iter: int = 10
+    candidate_tol: float = 1e-3
+    candidate_budget: float | None = 5e10
     max_iter: int = 100
     tol: float = 1e-5
+    fit_budget: float | None = 2e11
     seed: int = 0
     rank_multiple: int = 0
     latency_batch: int = 32
@@ -159,6 +169,8 @@ class CompressConfig:
                 alpha = -1.0
             if not 0 <= alpha <= 1:
                 raise DatdError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
+        if any(b is not None and b <= 0 for b in (self.candidate_budget, self.fit_budget)):
+            raise DatdError("candidate_budget and fit_budget must be positive (or None: no limit)")
         if self.propagate_group < 1 or self.propagate_ridge < 0:
             raise DatdError("propagate_group must be >= 1 and propagate_ridge >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
@@ -167,12 +179,14 @@ class CompressConfig:
 
     @property
     def settings(self) -> FitSettings:
-        return FitSettings(self.norm, self.bias_correction, self.sigma_reg, self.max_iter, self.tol, self.seed)
+        return FitSettings(self.norm, self.bias_correction, self.sigma_reg, self.max_iter, self.tol, self.seed,
+                           self.fit_budget)
 
     @property
     def candidate_settings(self) -> FitSettings:
-        """The settings of planning fits: ``candidate_iter`` sweeps at most."""
-        return dataclasses.replace(self.settings, max_iter=self.candidate_iter)
+        """The settings of planning fits: ``candidate_iter`` sweeps at most, ``candidate_tol``, ``candidate_budget``."""
+        return dataclasses.replace(self.settings, max_iter=self.candidate_iter, tol=self.candidate_tol,
+                                   budget=self.candidate_budget)
 
 
 @dataclass
@@ -718,6 +732,9 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 ladder = [r for r in ladder if r in measured and measured[r].seconds < fast_enough]
                 seconds.update({(method, r): measured[r].seconds for r in ladder})
                 anchors = (anchors & set(ladder)) | set(ladder[-1:])
+            if method != "svd":  # only anchors whose fit the planning budget pays for
+                shape = tuple(layer.problem.group(0).weight.shape)
+                anchors = {r for r in anchors if sweeps(method, shape, r, settings) >= 1}
             if method == "svd":
                 curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
                 opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in ladder]

@@ -100,6 +100,11 @@ def output_sensitivity(
     was_training = model.training
     model.eval()
     handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
+    # only the gradients of layer outputs are needed: the parameters' (a weight gradient per layer, a third of the
+    # backward pass) are not computed
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     seen = 0
     try:
         with torch.enable_grad():
@@ -109,7 +114,7 @@ def output_sensitivity(
                     x = x[: max_images - seen]
                 if x.shape[0] == 0:
                     break
-                x.requires_grad_(True)  # so that hooks fire even when parameters are frozen
+                x.requires_grad_(True)  # so that the output hooks fire with the parameters frozen
                 log_p = torch.log_softmax(model(x).double(), dim=1)
                 sampled = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=gen).to(log_p.device)
                 model.zero_grad(set_to_none=True)
@@ -120,6 +125,8 @@ def output_sensitivity(
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     if seen == 0:

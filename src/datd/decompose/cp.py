@@ -162,3 +162,15 @@ def cp(
             break
     a, b, c, d = best
     return CP(tuple(weight.shape), out_factor=a, in_factor=b, vertical=c, horizontal=d, history=history)
+
+
+def sweep_macs(shape: tuple[int, ...], rank: int, cg_iter: int = 5) -> float:
+    """Multiply-adds of one sweep of ``cp`` for a weight of ``shape`` (T, S, kh, kw) at ``rank`` (leading terms:
+    the input factor's CG applies through Σ, the two spatial systems, the output step, the error)."""
+    n_out, n_in = shape[0], shape[1]
+    kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
+    dim, m = n_in * kh * kw, min(n_out, rank)
+    inputs = (cg_iter + 1) * (m * dim * dim + 2 * m * n_in * rank * kh * kw) + m * rank**2 * kh * kw
+    spatial = sum(dim * dim * rank + rank**2 * dim * k + (k * rank) ** 3 / 3 for k in (kh, kw))
+    return inputs + spatial + rank * dim * dim + rank**2 * dim + rank**3 / 3 + n_out * dim * dim + n_out * dim * rank
+

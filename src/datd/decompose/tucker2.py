@@ -109,3 +109,15 @@ def tucker2(
             break
     core_shape = (r_out, r_in) + tuple(weight.shape[2:])
     return Tucker2(tuple(weight.shape), out_factor=u_t, core=g.reshape(core_shape), in_factor=u_s, history=history)
+
+
+def sweep_macs(shape: tuple[int, ...], ranks: tuple[int, int], cg_iter: int = 5) -> float:
+    """Multiply-adds of one sweep of ``tucker2`` for a weight of ``shape`` (T, S, kh, kw) at ``ranks`` (leading
+    terms: the CG applies through Σ, the projected Σ of the core step, its factorization, the error)."""
+    n_out, n_in = shape[0], shape[1]
+    n_pos = shape[2] * shape[3] if len(shape) == 4 else 1
+    r_out, r_in = ranks
+    dim, core = n_in * n_pos, r_in * n_pos
+    return ((cg_iter + 1) * (r_out * dim * dim + 2 * r_out * dim * r_in) + dim * dim * r_in + dim * n_pos * r_in**2
+            + core**3 / 3 + n_out * dim * r_in + n_out * core**2 + n_out * dim * dim)
+

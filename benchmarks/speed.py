@@ -1,0 +1,195 @@
+"""How fast datd compresses: statistics against a forward pass, per-stage compress times, Σ-ALS against the textbook.
+
+Sections (all in one run by default; each writes benchmarks/results/speed_<section>.jsonl and its BENCHMARKS.md
+section):
+
+- statistics: ``collect_stats`` over every Conv2d/Linear against a plain forward pass over the same batches (eval
+  mode, no_grad), and against the previous formulation of the patch moments (im2col for every layer), interleaved,
+  median of ``--repeats``; real images (CIFAR-10 training images for the CIFAR ResNets, the ImageNet sample at 224
+  for torchvision models, random-init weights there: speed does not depend on them).
+- compress: ``datd.compress`` end to end with the default method and ranks (stage times from its report), and
+  one forward pass over the same calibration images timed in the same run: the ratio is compress / forward.
+- decompose: the textbook-ALS comparison of ``benchmarks/decompose.py`` (256 and 512 channels).
+
+    python benchmarks/speed.py [--sections statistics,compress,decompose] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics as stat
+import time
+
+import torch
+
+import datd
+import datd.stats as stats_module
+from _common import env_lines, environment, update_section, write_results
+from datd.data import calibration_loader, data_root
+from datd.models import load_model
+from datd.stats import batch_inputs
+
+IMAGENET = f"imagefolder:{data_root()}/imagenet-sample/val"
+# (model, weights, data, images, batch): the statistics cases
+STATISTICS = [
+    ("cifar_resnet20", None, "cifar10", 1024, 128),
+    ("cifar_resnet56", None, "cifar10", 1024, 128),
+    ("resnet18", "none", IMAGENET, 512, 64),
+    ("resnet50", "none", IMAGENET, 256, 32),
+    ("googlenet", "none", IMAGENET, 256, 32),
+    ("mobilenet_v2", "none", IMAGENET, 256, 64),
+]
+# (model, weights, data, images, batch, target): the compress cases (default method and ranks)
+COMPRESS = [
+    ("cifar_resnet20", None, "cifar10", 2048, 128, "params=0.5"),
+    ("cifar_resnet56", None, "cifar10", 2048, 128, "params=0.5"),
+    ("resnet18", "none", IMAGENET, 512, 32, "macs=0.5"),
+    ("resnet50", "none", IMAGENET, 512, 32, "macs=0.5"),
+    ("googlenet", "none", IMAGENET, 512, 32, "macs=0.5"),
+]
+
+
+def _batches(model_name: str, weights: str | None, data: str, images: int, batch: int):
+    loaded = load_model(model_name, weights)
+    loader = calibration_loader(data, loaded.preprocessing, images, batch_size=batch)
+    return loaded, [batch_inputs(b) for b in loader]  # decoded once: the timings exclude image decoding
+
+
+@torch.no_grad()
+def _forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    for x in batches:
+        model(x)
+
+
+def _im2col_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """The previous formulation: every conv's patch moments from im2col columns."""
+    chosen = stats_module.prefers_shifts
+    stats_module.prefers_shifts = lambda geometry, channels: False
+    try:
+        datd.collect_stats(model, batches, progress=False)
+    finally:
+        stats_module.prefers_shifts = chosen
+
+
+def run_statistics(repeats: int, cases: list[tuple]) -> list[dict]:
+    rows = []
+    for model_name, weights, data, images, batch in cases:
+        loaded, batches = _batches(model_name, weights, data, images, batch)
+        model = loaded.model.eval()
+        runs = {"forward": lambda: _forward(model, batches),
+                "statistics": lambda: datd.collect_stats(model, batches, progress=False),
+                "statistics (im2col)": lambda: _im2col_stats(model, batches)}
+        datd.collect_stats(model, batches[:1], progress=False)  # warm up: kernels for every shape
+        _forward(model, batches[:1])
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):  # interleaved
+            for key, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - start)
+        median = {k: stat.median(v) for k, v in times.items()}
+        rows.append({"section": "statistics", "model": model_name, "images": sum(len(b) for b in batches),
+                     "batch": batch, "input": list(batches[0].shape[1:]), "repeats": repeats, "seconds": times,
+                     "median": median, "ratio": median["statistics"] / median["forward"],
+                     "ratio_im2col": median["statistics (im2col)"] / median["forward"]})
+        print(f"statistics {model_name}: forward {median['forward']:.2f}s, statistics {median['statistics']:.2f}s "
+              f"({rows[-1]['ratio']:.2f}x), im2col {median['statistics (im2col)']:.2f}s "
+              f"({rows[-1]['ratio_im2col']:.2f}x)", flush=True)
+    return rows
+
+
+def run_compress(cases: list[tuple]) -> list[dict]:
+    rows = []
+    for model_name, weights, data, images, batch, target in cases:
+        loaded, batches = _batches(model_name, weights, data, images, batch)
+        model = loaded.model.eval()
+        _forward(model, batches[:1])
+        start = time.perf_counter()
+        _forward(model, batches)
+        forward = time.perf_counter() - start
+        start = time.perf_counter()
+        _, report = datd.compress(model, batches, target=target, progress=False, measure_latency=False)
+        seconds = time.perf_counter() - start
+        rows.append({"section": "compress", "model": model_name, "images": images, "batch": batch, "target": target,
+                     "forward_seconds": forward, "compress_seconds": seconds, "ratio": seconds / forward,
+                     "timings": report["timings"], "params_ratio": report["params_ratio"],
+                     "macs_ratio": report["macs_ratio"],
+                     "methods": sorted({l.get("method") for l in report["layers"] if l.get("method")})})
+        stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings"].items())
+        print(f"compress {model_name} {target}: {seconds:.0f}s = {rows[-1]['ratio']:.1f}x forward ({forward:.1f}s); "
+              f"{stages}", flush=True)
+    return rows
+
+
+def statistics_markdown(rows: list[dict], env: dict) -> str:
+    lines = ["## Speed: statistics against a forward pass (`benchmarks/speed.py --sections statistics`)", "",
+             "`collect_stats` for every Conv2d/Linear (Σ of all images and of the even-image fold, pooled moments, "
+             "means) over the same decoded batches as a plain forward pass (eval mode, no_grad), interleaved, median "
+             "of the repeats. *im2col* is the previous formulation (every conv's patches unfolded, one D×D product), "
+             "kept as a fallback and timed here for reference. Goals (issue 10): ≤ 2.5× on ResNet-18 at 224, "
+             "≤ 3× on the CIFAR ResNets.", "",
+             "| model | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["median"]
+        lines.append(f"| {r['model']} | {r['images']} × {'×'.join(map(str, r['input']))} | {r['batch']} | "
+                     f"{m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
+                     f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× |")
+    return "\n".join(lines + ["", env_lines(env)])
+
+
+def compress_markdown(rows: list[dict], env: dict) -> str:
+    stages = ["statistics", "sensitivity", "planning", "damage probes", "fitting"]
+    lines = ["## Speed: compress end to end (`benchmarks/speed.py --sections compress`)", "",
+             "`datd.compress` with the default method and ranks (auto), probes on, latency not measured, from "
+             "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
+             "run. Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
+             "ResNet-56 default under 90 s (evaluation excluded: none is run here).", "",
+             "| model | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
+             "params | MACs |",
+             "|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
+    for r in rows:
+        cells = " | ".join(f"{r['timings'].get(s, 0):.0f}" for s in stages)
+        lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f} | {cells} | "
+                     f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
+                     f"{r['macs_ratio']:.3f} |")
+    return "\n".join(lines + ["", env_lines(env)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="statistics,compress,decompose")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the CIFAR ResNet-20 and ResNet-18 cases only")
+    parser.add_argument("--models", help="comma-separated subset of the cases' models")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sections = args.sections.split(",")
+    env = environment()
+    wanted = (lambda name: name in ("cifar_resnet20", "resnet18")) if args.quick else \
+        (lambda name: args.models is None or name in args.models.split(","))
+
+    def stamp(rows: list[dict]) -> list[dict]:
+        return [{**r, **{k: env[k] for k in ("machine", "versions", "commit", "command", "date")}} for r in rows]
+
+    if "statistics" in sections:
+        rows = stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])]))
+        write_results("speed_statistics", rows)
+        update_section("speed_statistics", statistics_markdown(rows, env))
+    if "compress" in sections:
+        rows = stamp(run_compress([c for c in COMPRESS if wanted(c[0])]))
+        write_results("speed_compress", rows)
+        update_section("speed_compress", compress_markdown(rows, env))
+    if "decompose" in sections:
+        import decompose
+
+        problems = decompose.layer_problems([256, 512], 512)
+        rows = stamp(decompose.run_textbook(problems, 0.25, 3))
+        for r in rows:
+            r["fraction"] = 0.25
+        write_results("decompose_textbook", rows)
+        update_section("decompose_textbook", decompose.textbook_markdown(rows, env))
+
+
+if __name__ == "__main__":
+    main()
