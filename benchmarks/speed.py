@@ -159,13 +159,15 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="statistics,compress,decompose")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the CIFAR ResNet-20 and ResNet-18 cases only")
     parser.add_argument("--models", help="comma-separated subset of the cases' models")
     args = parser.parse_args()
     torch.manual_seed(0)
+    allocator = datd.tune_allocator()  # one allocator regime for every timing (glibc otherwise page-faults activations)
     sections = args.sections.split(",")
     env = environment()
+    env["machine"] += f", allocator: {allocator}"
     wanted = (lambda name: name in ("cifar_resnet20", "resnet18")) if args.quick else \
         (lambda name: args.models is None or name in args.models.split(","))
 

@@ -16,7 +16,7 @@ def test_help_documents_every_option():
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
                    "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
                    "--memory-format", "--latency-cache", "--measure-latency", "--probe-images", "--shrinkage",
-                   "--propagate", "--overwrite", "--resume"):
+                   "--propagate", "--fit-budget", "--overwrite", "--resume"):
         assert option in out
     assert "latency=F" in out
     assert "--debug" in invoke(["--help"]).output
@@ -121,3 +121,14 @@ def test_own_normalization_on_the_command_line_matches_the_models_own_evaluation
     assert f"accuracy  {100 * own:.2f}%" in result.output
     wrong = invoke(["eval", "--model", "datd_own_norm:make", "--data", "cifar10:test", "--limit", "500"])
     assert f"accuracy  {100 * own:.2f}%" not in wrong.output  # ImageNet's mean/std at native size: not the same
+
+
+def test_fit_budget_option_scales_or_lifts_the_budgets():
+    from datd.cli import DEFAULTS, _budgets
+    from datd.errors import DatdError
+
+    assert _budgets("none") == {"candidate_budget": None, "fit_budget": None}
+    assert _budgets("2") == {"candidate_budget": 2 * DEFAULTS.candidate_budget, "fit_budget": 2 * DEFAULTS.fit_budget}
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(DatdError, match="--fit-budget"):
+            _budgets(bad)

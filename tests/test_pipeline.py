@@ -221,3 +221,38 @@ def test_layers_called_twice_are_pooled_and_layers_never_called_are_skipped_with
     entry = next(l for l in report["layers"] if l["name"] == "gray_only")
     assert entry["skipped"].startswith("never called")
     assert report["params_ratio"] <= 0.7
+
+
+def test_fit_budgets_cut_sweeps_and_drop_unaffordable_planning_options(setup):
+    """A planning fit that its budget cannot pay one sweep for is not offered (here: none of Tucker-2/CP, so the
+    plan is all Σ-SVD); a final fit gets the sweeps its budget pays for."""
+    from datd.decompose.cp import sweep_macs
+    from datd.fitting import FitSettings, sweeps
+
+    model, calib, _ = setup
+    _, report = datd.compress(model, calib, target="params=0.5", method="auto", candidate_budget=1.0, **FAST)
+    assert {l["method"] for l in report["layers"] if "skipped" not in l} == {"svd"}
+    shape, rank = (32, 16, 3, 3), 20
+    per_sweep = sweep_macs(shape, rank)
+    assert sweeps("cp", shape, (rank,), FitSettings(max_iter=50, budget=3.5 * per_sweep)) == 3
+    assert sweeps("cp", shape, (rank,), FitSettings(max_iter=2, budget=3.5 * per_sweep)) == 2
+    assert sweeps("cp", shape, (rank,), FitSettings(max_iter=50)) == 50  # no budget
+    assert sweeps("svd", shape, (rank,), FitSettings(max_iter=50, budget=1.0)) == 50  # closed form: no sweeps to cut
+    _, report = datd.compress(model, calib, target="params=0.5", method="cp", ranks="uniform",
+                              fit_budget=2.5 * per_sweep, **{**FAST, "max_iter": 50, "tol": 0.0})
+    fitted = [l for l in report["layers"] if l.get("method") == "cp"]
+    assert fitted
+    allowed = [min(50, int(2.5 * per_sweep // sweep_macs(tuple(model.get_submodule(l["name"]).weight.shape),
+                                                         l["ranks"][0]))) for l in fitted]
+    assert all(l["sweeps"] <= a for l, a in zip(fitted, allowed))  # a CP fit may stop earlier (degeneracy guard)
+    assert any(l["sweeps"] == a < 50 for l, a in zip(fitted, allowed))  # and the budget did bind
+    with pytest.raises(ValueError, match="budget"):
+        datd.compress(model, calib, target="params=0.5", fit_budget=0, **FAST)
+
+
+def test_sweep_estimates_grow_with_rank_and_width():
+    from datd.decompose.cp import sweep_macs as cp_macs
+    from datd.decompose.tucker2 import sweep_macs as tucker2_macs
+
+    assert tucker2_macs((64, 64, 3, 3), (8, 8)) < tucker2_macs((64, 64, 3, 3), (32, 32)) < tucker2_macs((128, 128, 3, 3), (32, 32))
+    assert cp_macs((64, 64, 3, 3), 16) < cp_macs((64, 64, 3, 3), 160) < cp_macs((128, 128, 3, 3), 160)

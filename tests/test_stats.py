@@ -178,6 +178,8 @@ def test_non_finite_inputs_and_empty_data_are_refused():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(ValueError, match="non-finite"):
         collect_stats(model, [torch.full((1, 3, 5, 5), float("nan"))], progress=False)
+    with pytest.raises(ValueError, match="non-finite"):  # finite inputs whose squares overflow float32
+        collect_stats(model, [torch.full((1, 3, 5, 5), 1e30)], progress=False)
     with pytest.raises(ValueError, match="no batches"):
         collect_stats(model, [], progress=False)
     with pytest.raises(TypeError, match="input tensor"):

@@ -17,6 +17,7 @@ from .data import INTERPOLATIONS, Preprocessing, calibration_loader, eval_loader
 from .errors import DatdError
 from .evaluate import accuracy, count_macs, count_params
 from .export import FORMATS, export
+from .latency import tune_allocator
 from .models import load_model
 from .pipeline import CompressConfig, compress
 from .plan import METHODS
@@ -128,6 +129,19 @@ def main(debug: bool) -> None:
     """Compress trained CNNs with distribution-aware tensor decompositions (no fine-tuning)."""
 
 
+def _budgets(scale: str) -> dict:
+    """The fit budgets of ``--fit-budget``: the defaults times a factor, or none."""
+    if scale.strip().lower() == "none":
+        return {"candidate_budget": None, "fit_budget": None}
+    try:
+        factor = float(scale)
+    except ValueError:
+        factor = -1.0
+    if not factor > 0:
+        raise DatdError(f"--fit-budget must be a positive factor or 'none', got {scale!r}")
+    return {"candidate_budget": DEFAULTS.candidate_budget * factor, "fit_budget": DEFAULTS.fit_budget * factor}
+
+
 @main.command("compress")
 @_model_options
 @click.option("--data", required=True, help="calibration data: " + DATA_HELP)
@@ -170,6 +184,10 @@ def main(debug: bool) -> None:
 @click.option("--propagate/--no-propagate", default=DEFAULTS.propagate, show_default=True,
               help="fit each layer to the inputs it receives from the already compressed layers before it "
                    "(one extra pass over the calibration images per layer)")
+@click.option("--fit-budget", default="1", show_default=True,
+              help="scale the work each layer's fits may spend (multiply-adds: planning fits "
+                   f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
+                   "layers) by this factor; 'none' lifts the limit (e.g. on a GPU)")
 @click.option("--overwrite", is_flag=True,
               help="replace an --out directory that holds other files (an earlier datd result is always replaced)")
 @click.option("--resume", is_flag=True,
@@ -177,14 +195,14 @@ def main(debug: bool) -> None:
                    "the result is the one the uninterrupted run would have given")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate, overwrite,
-                     resume, **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate, fit_budget,
+                     overwrite, resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                            propagate=propagate)
+                            propagate=propagate, **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)
@@ -198,6 +216,8 @@ def _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, ou
     if distributed.world_size() > 1 and resume:
         raise DatdError("--resume is not supported under torchrun yet (each rank would need the checkpoint)")
     io.check_output_directory(out, overwrite)  # before any work
+    if config.tune_allocator:  # this process's eager passes reuse freed memory (statistics 10 % faster, measured)
+        tune_allocator()
     calib_loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=config.seed)
     stats = Statistics.load(stats_path, loaded.model) if stats_path else None
     main_rank = distributed.is_main()
@@ -275,6 +295,7 @@ def stats_command(model_name, weights, data, calib, out_path, device, seed, batc
     loaded = _load(model_name, weights, **preprocessing)
     loader = calibration_loader(data, loaded.preprocessing, calib, batch_size=batch_size, seed=seed)
     model = loaded.model.to(device)
+    tune_allocator()
     if dry_run:
         sizes = sums_bytes(model, batch_inputs(next(iter(loader))).to(device))
         for name, size in sizes.items():

@@ -45,6 +45,8 @@ MEMORY_WEIGHT = 8
 MIN_CHANNELS = 8
 # Single-channel sets (depthwise convs) are correlated this many at a time.
 BLOCK = 8
+# Elements of the blocks added to the float64 sums at once (a bound on that temporary: 2^22 ≈ 32 MiB).
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -358,10 +360,14 @@ def accumulate_shifted(x: Tensor, geometry: ConvGeometry, blocks: Tensor, sets: 
         c = x.shape[1] // sets
         sums = torch.cat([_correlate(plane(t.first), plane(t.second), t, sets).view(t.shifts, -1)
                           for t in schedule.terms])  # (all shifts of all terms, sets·C·C)
-        combined = _combination(schedule, x.dtype, x.device) @ sums  # (blocks, sets·C·C): each block's signed sum
+        combination = _combination(schedule, x.dtype, x.device)  # (blocks, shifts): each block's signed sum
         a, b = _block_index(schedule, x.device)
-        blocks.permute(1, 3, 0, 2, 4).index_put_((a, b), combined.view(-1, sets, c, c).to(blocks.dtype),
-                                                 accumulate=True)
+        target = blocks.permute(1, 3, 0, 2, 4)  # (taps, taps, sets, C, C), a view
+        step = max(1, BLOCK_ELEMENTS // sums.shape[1])  # bounds the float64 temporary
+        for start in range(0, len(schedule.blocks), step):
+            rows = slice(start, start + step)
+            combined = (combination[rows] @ sums).view(-1, sets, c, c).to(blocks.dtype)
+            target.index_put_((a[rows], b[rows]), combined, accumulate=True)
     return _per_image_sums(x, geometry, plane).view(x.shape[0], len(geometry.taps), sets, -1)
 
 

@@ -410,6 +410,9 @@ class _Accumulator:
             raise DatdError(f"layer '{self.name}' was never called during the calibration forward passes")
         half = max(self.counts[0], 1)
         sums, self.sum_outer = self.sum_outer, None  # type: ignore[assignment]
+        if not torch.isfinite(sums.diagonal(dim1=-2, dim2=-1)).all():  # products that overflowed (huge inputs)
+            raise DatdError(f"non-finite input statistics for layer '{self.name}': the calibration data or model "
+                            "produce values too large to square")
         sigma = self._unfold_order(sums[1].add_(sums[0])).div_(self.count)  # (a view of fold 1 for a single tap)
         sigma_half = self._unfold_order(sums[0]).div_(half)
         del sums
