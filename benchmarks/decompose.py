@@ -144,7 +144,7 @@ def textbook_markdown(rows: list[dict], env: dict) -> str:
         "the whole Σ; float64. datd: the library's fits with their defaults (Tucker-2: joint closed-form (U_T, core) "
         "step, U_S by 5 warm-started CG steps with a Kronecker preconditioner; CP: the same solver for B, proximal "
         f"updates), timed from a fresh start to the first sweep whose Σ-error is within {100 * TEXTBOOK_MARGIN:g} % "
-        "of the textbook's after its sweeps. Layers and Σ as in the table above; ranks keep ≈ "
+        "of the textbook's after its sweeps. Layers and Σ as in the first table (datd vs TensorLy); ranks keep ≈ "
         f"{rows[0].get('fraction', 0.25):g} of the parameters.",
         "",
         "| shape | method | ranks | textbook sweeps | textbook s | textbook Σ-error | datd sweeps | datd s | datd Σ-error "

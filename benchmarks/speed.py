@@ -24,7 +24,7 @@ import torch
 
 import datd
 import datd.stats as stats_module
-from _common import env_lines, environment, update_section, write_results
+from _common import env_lines, environment, read_results, update_section, write_results
 from datd.data import calibration_loader, data_root
 from datd.models import load_model
 from datd.stats import batch_inputs
@@ -121,6 +121,14 @@ def run_compress(cases: list[tuple]) -> list[dict]:
     return rows
 
 
+def _provenance(rows: list[dict], env: dict) -> list[str]:
+    """One environment line per run that produced some of ``rows``."""
+    runs = {(r.get("date"), r.get("command")): r for r in rows if r.get("date")}
+    return [env_lines({**env, **{k: r[k] for k in ("machine", "versions", "commit", "command", "date")}})
+            + f" ({sum(1 for x in rows if (x.get('date'), x.get('command')) == key)} rows)"
+            for key, r in sorted(runs.items())] or [env_lines(env)]
+
+
 def statistics_markdown(rows: list[dict], env: dict) -> str:
     lines = ["## Speed: statistics against a forward pass (`benchmarks/speed.py --sections statistics`)", "",
              "`collect_stats` for every Conv2d/Linear (Σ of all images and of the even-image fold, pooled moments, "
@@ -135,7 +143,7 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['model']} | {r['images']} × {'×'.join(map(str, r['input']))} | {r['batch']} | "
                      f"{m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
                      f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× |")
-    return "\n".join(lines + ["", env_lines(env)])
+    return "\n".join(lines + [""] + _provenance(rows, env))
 
 
 def compress_markdown(rows: list[dict], env: dict) -> str:
@@ -153,7 +161,7 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f} | {cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
                      f"{r['macs_ratio']:.3f} |")
-    return "\n".join(lines + ["", env_lines(env)])
+    return "\n".join(lines + [""] + _provenance(rows, env))
 
 
 def main() -> None:
@@ -174,12 +182,19 @@ def main() -> None:
     def stamp(rows: list[dict]) -> list[dict]:
         return [{**r, **{k: env[k] for k in ("machine", "versions", "commit", "command", "date")}} for r in rows]
 
+    def merged(name: str, rows: list[dict]) -> list[dict]:
+        """This run's rows, and the previous file's rows of the models not run now (in the cases' order)."""
+        order = [c[0] for c in (STATISTICS if name == "speed_statistics" else COMPRESS)]
+        keep = {r["model"]: r for r in read_results(name)}
+        keep.update({r["model"]: r for r in rows})
+        return sorted(keep.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+
     if "statistics" in sections:
-        rows = stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])]))
+        rows = merged("speed_statistics", stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])])))
         write_results("speed_statistics", rows)
         update_section("speed_statistics", statistics_markdown(rows, env))
     if "compress" in sections:
-        rows = stamp(run_compress([c for c in COMPRESS if wanted(c[0])]))
+        rows = merged("speed_compress", stamp(run_compress([c for c in COMPRESS if wanted(c[0])])))
         write_results("speed_compress", rows)
         update_section("speed_compress", compress_markdown(rows, env))
     if "decompose" in sections:
