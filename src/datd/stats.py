@@ -385,9 +385,8 @@ class _Accumulator:
             self.sum_pooled = self.sum_outer.sum(dim=0)
 
     def _add_pooled(self, pooled: Tensor) -> None:
-        """Add each image's mean patch (G, N, D), in the compute dtype. They are gathered until ``_POOLED_ROWS``
-        images are waiting and then added as one product (one pass over the D×D sum per batch of images, not per
-        call)."""
+        """Add each image's mean patch (G, N, D). They are gathered until ``_POOLED_ROWS`` images are waiting and then
+        added as one product (one pass over the D×D sum per batch of images, not per call)."""
         if self.sum_pooled is not None:
             self.pending.append(pooled)
             if sum(p.shape[1] for p in self.pending) >= _POOLED_ROWS:
@@ -396,8 +395,10 @@ class _Accumulator:
 
     def _flush_pooled(self) -> None:
         if self.pending and self.sum_pooled is not None:
-            means = torch.cat(self.pending, dim=1)
-            self.sum_pooled += (means.transpose(1, 2) @ means).double()
+            # in float64: products of float32 values are exact there, so the sum does not depend on how the
+            # images were grouped into flushes (one process or several, any batch size) beyond float64 rounding
+            means = torch.cat(self.pending, dim=1).double()
+            self.sum_pooled += means.transpose(1, 2) @ means
         self.pending = []
 
     def _unfold_order(self, sums: Tensor) -> Tensor:
