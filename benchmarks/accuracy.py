@@ -16,6 +16,8 @@ kept and skipped on the next run unless --fresh, so the full run can be done in 
 - imagenet:    torchvision ResNet-18/50 and GoogLeNet at 224×224 (random init, Σ from the 1,000 real ImageNet
                sample images): per-layer relative Σ-error of Σ vs Frobenius Tucker-2 fits at equal ranks, and
                the time of each stage (statistics of the k×k convolutions, Σ fits).
+- positions:   statistics from a drawn fraction (1/4, 1/16) of each conv's positions against all of them: CIFAR-10
+               ResNet-20/56 at params=0.5 and MobileNetV2 at params=0.7 and macs=0.85 (its held-out half).
 - mobilenet:   torchvision MobileNetV2 with real ImageNet weights (../shared/data/models), calibrated on a seeded
                half of the 1,000-image ImageNet sample (Σ also from 1,000 Tiny-ImageNet images, upscaled), top-1
                on the other half; targets params 0.9/0.7/0.5 and macs 0.95/0.85/0.8 (Tiny-ImageNet Σ: params=0.7 and
@@ -89,12 +91,13 @@ class Runner:
     def calib(self, model: str, images: int, seed: int, data: str | None = None):
         return calibration_loader(data or self.calib_data, self.loaded(model).preprocessing, images, seed=seed)
 
-    def statistics(self, model: str, data: str, images: int, seed: int) -> tuple[Statistics, float]:
-        key = (model, data, images, seed)
+    def statistics(self, model: str, data: str, images: int, seed: int, positions: float = 1.0) -> tuple[Statistics, float]:
+        key = (model, data, images, seed) + ((positions,) if positions != 1 else ())
         if key not in self.stats:
             start = time.perf_counter()
             stats = datd.collect_stats(self.loaded(model).model, self.calib(model, images, seed, data), progress=False,
-                                       description=f"{data} ({images} images, seed {seed})")
+                                       description=f"{data} ({images} images, seed {seed})", positions=positions,
+                                       seed=seed)
             self.stats[key] = (stats, time.perf_counter() - start)
         return self.stats[key]
 
@@ -122,15 +125,19 @@ class Runner:
         print(json.dumps(shown), flush=True)
 
     def datd_run(self, section: str, model: str, target: str, label: str, *, calib_images: int = 2048, seed: int = 0,
-                 stats_data: str | None = None, **config) -> None:
+                 stats_data: str | None = None, positions: float = 1.0, **config) -> None:
         stats_data = stats_data or self.calib_data
         key = f"{section}|{model}|{target}|{label}|{stats_data}|{calib_images}|{seed}|{self.eval_data}|{self.eval_limit}"
         if key in self.done:
             return
-        stats, stats_seconds = self.statistics(model, stats_data, calib_images, seed)
+        stats, stats_seconds = self.statistics(model, stats_data, calib_images, seed, positions)
+        extra = {}
+        if positions != 1:  # how far the drawn positions move Σ, against the two folds' difference (sampling noise)
+            full, full_seconds = self.statistics(model, stats_data, calib_images, seed)
+            extra = {"positions": positions, "full_stats_seconds": full_seconds, **sigma_changes(stats, full)}
         calib = self.calib(model, min(calib_images, 2048), seed)
         start = time.perf_counter()
-        cache = self.fit_caches.setdefault((model, stats_data, calib_images, seed), {})
+        cache = self.fit_caches.setdefault((model, stats_data, calib_images, seed, positions), {})
         compressed, report = datd.compress(self.loaded(model).model, calib, target=target, stats=stats, seed=seed,
                                            progress=False, fit_cache=cache, **config)
         seconds = time.perf_counter() - start
@@ -140,10 +147,36 @@ class Runner:
             "eval_limit": self.eval_limit, "accuracy_before": self.base_accuracy(model),
             "accuracy": self.evaluate(compressed, model), "params_ratio": report["params_ratio"],
             "macs_ratio": report["macs_ratio"], "params_after": report["params_after"], "macs_after": report["macs_after"],
-            "seconds": seconds, "stats_seconds": stats_seconds, "timings": report["timings"],
+            "seconds": seconds, "stats_seconds": stats_seconds, "timings": report["timings"], **extra,
             "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "params_before", "params_after")}
                        for l in report["layers"]],
         })
+
+
+def sigma_changes(drawn: Statistics, full: Statistics) -> dict:
+    """Median and largest (over layers) relative change ‖Σ_drawn − Σ‖/‖Σ‖, and the median relative difference
+    between the two folds' Σ of the full statistics (the sampling noise of the images themselves)."""
+    change, folds = [], []
+    for name, s in full.items():
+        change.append(float((drawn[name].sigma - s.sigma).norm() / s.sigma.norm()))
+        if s.sigma_half is not None and s.count > s.count_half:
+            other = (s.count * s.sigma - s.count_half * s.sigma_half) / (s.count - s.count_half)
+            folds.append(float((s.sigma_half - other).norm() / s.sigma.norm()))
+    return {"sigma_change_median": float(np.median(change)), "sigma_change_max": max(change),
+            "fold_difference_median": float(np.median(folds)) if folds else None}
+
+
+POSITIONS = [0.25, 0.0625]
+
+
+def positions(runner: Runner, models: list[str], targets: list[str]) -> None:
+    """Statistics from a drawn fraction of each conv's positions (``collect_stats(positions=F)``), default settings
+    otherwise: the effect on Σ and on accuracy."""
+    for model in models:
+        for target in targets:
+            runner.datd_run("positions", model, target, "positions 1", **DEFAULT)
+            for p in POSITIONS:
+                runner.datd_run("positions", model, target, f"positions {p:g}", positions=p, **DEFAULT)
 
 
 QUICK_COMBOS = [("auto", "sigma", "auto"), ("tucker2", "sigma", "auto"), ("cp", "sigma", "uniform"),
@@ -285,7 +318,7 @@ MOBILENET_TARGETS = ["params=0.9", "params=0.7", "params=0.5", "macs=0.95", "mac
 MOBILENET_TRANSFER = ["params=0.7", "macs=0.85"]  # Σ from Tiny-ImageNet: the acceptance targets
 
 
-def mobilenet(runner: Runner, targets: list[str]) -> None:
+def mobilenet(runner: Runner, targets: list[str], drawn: tuple[float, ...] = ()) -> None:
     """MobileNetV2 (real ImageNet weights): calibrate on a seeded half of the ImageNet sample, evaluate on the
     other half; Σ from that half and from Tiny-ImageNet (a transfer), the default settings otherwise."""
     from torch.utils.data import DataLoader
@@ -311,27 +344,41 @@ def mobilenet(runner: Runner, targets: list[str]) -> None:
                                                                             1000, batch_size=32),
                # a ceiling, not a result: Σ, sensitivities and probes from the evaluation images themselves
                "held-out half (oracle)": held_out}
-    for source, data in sources.items():
-        stats = None
-        for target in targets if source == "imagenet half" else [t for t in targets if t in MOBILENET_TRANSFER]:
-            key = f"mobilenet|{name}|{target}|default|{source}"
-            if key in runner.done:
-                continue
-            if stats is None:
-                start = time.perf_counter()
-                stats = datd.collect_stats(model, data, progress=False, description=source)
-                stats_seconds = time.perf_counter() - start
+    runs = [(source, 1.0, t, "default") for source in sources
+            for t in (targets if source == "imagenet half" else [t for t in targets if t in MOBILENET_TRANSFER])]
+    # drawn positions (``positions``), against all positions in the same run
+    runs += [("imagenet half", p, t, f"positions {p:g}") for p in ((1.0,) + drawn if drawn else ()) for t in MOBILENET_TRANSFER]
+    cache: dict[tuple, tuple[Statistics, float]] = {}
+
+    def statistics(source: str, fraction: float) -> tuple[Statistics, float]:
+        if (source, fraction) not in cache:
             start = time.perf_counter()
-            compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False,
-                                               measure_latency=False, **DEFAULT)
-            runner.record({
-                "key": key, "section": "mobilenet", "model": name, "label": "default", "target": target,
-                "stats_data": source, "accuracy_before": base, "accuracy": accuracy(compressed, held_out, progress=False),
-                "params_ratio": report["params_ratio"], "macs_ratio": report["macs_ratio"],
-                "seconds": time.perf_counter() - start, "stats_seconds": stats_seconds, "timings": report["timings"],
-                "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "damage", "damage_measured",
-                                                  "params_before", "params_after", "skipped")} for l in report["layers"]],
-            })
+            stats = datd.collect_stats(model, sources[source], progress=False, description=source, positions=fraction)
+            cache[source, fraction] = (stats, time.perf_counter() - start)
+        return cache[source, fraction]
+
+    for source, fraction, target, label in runs:
+        key = f"mobilenet|{name}|{target}|{label}|{source}"
+        if key in runner.done:
+            continue
+        data = sources[source]
+        stats, stats_seconds = statistics(source, fraction)
+        extra = {}
+        if fraction != 1:
+            full, full_seconds = statistics(source, 1.0)
+            extra = {"positions": fraction, "full_stats_seconds": full_seconds, **sigma_changes(stats, full)}
+        start = time.perf_counter()
+        compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False,
+                                           measure_latency=False, **DEFAULT)
+        runner.record({
+            "key": key, "section": "mobilenet", "model": name, "label": label, "target": target,
+            "stats_data": source, "accuracy_before": base, "accuracy": accuracy(compressed, held_out, progress=False),
+            "params_ratio": report["params_ratio"], "macs_ratio": report["macs_ratio"],
+            "seconds": time.perf_counter() - start, "stats_seconds": stats_seconds, "timings": report["timings"],
+            **extra,
+            "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "damage", "damage_measured",
+                                              "params_before", "params_after", "skipped")} for l in report["layers"]],
+        })
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -544,6 +591,28 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
             out.append(f"| {r['target']} | {r['stats_data']} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
                        f"{_pct(r['accuracy'])} | {100 * (r['accuracy'] - base):+.2f} | {r['seconds']:.0f} |")
         out.append("")
+    drawn = [r for r in rows if r["section"] in ("positions", "mobilenet") and r["label"].startswith("positions ")]
+    if drawn:
+        out += ["### Statistics from drawn positions (`collect_stats(positions=F)`, `--positions F`)", "",
+                "Each image contributes F of each conv's output positions (at least 64), drawn at random, in the "
+                "layers where that costs less than the exact statistics (the early, large feature maps); default "
+                "settings otherwise, compared with all positions in the same run. Σ change: ‖Σ_F − Σ‖/‖Σ‖ over the "
+                "layers (median / largest); fold difference: the two image folds' Σ against each other (median), "
+                "the sampling noise of the images themselves. CIFAR: 2048 training images, full test set; "
+                "MobileNetV2: the seeded ImageNet half, top-1 on the other half. Statistics seconds: one run each on 2 cores, "
+                "indicative only (the interleaved timings are in the speed section).", "",
+                "| model | target | F | statistics s | Σ change median / max | fold difference | top-1 | Δ vs F = 1 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(drawn, key=lambda r: (r["model"], r["target"], -float(r["label"].split()[1]))):
+            base = next((b["accuracy"] for b in drawn if b["model"] == r["model"] and b["target"] == r["target"]
+                         and b["label"] == "positions 1"), None)
+            change = (f"{100 * r['sigma_change_median']:.2f} % / {100 * r['sigma_change_max']:.2f} %"
+                      if "sigma_change_median" in r else "0")
+            folds = f"{100 * r['fold_difference_median']:.2f} %" if r.get("fold_difference_median") is not None else "—"
+            delta = f"{100 * (r['accuracy'] - base):+.2f}" if base is not None else "—"
+            out.append(f"| {r['model']} | {r['target']} | {r['label'].split()[1]} | {r['stats_seconds']:.1f} | "
+                       f"{change} | {folds} | {_pct(r['accuracy'])} | {delta} |")
+        out.append("")
     if figures:
         out += ["### Plots", ""] + [f"![{f}](benchmarks/results/{f})" for f in figures] + [""]
     runs = {r["date"]: r for r in rows if r["section"] == "invocation"}
@@ -567,7 +636,7 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ResNet-20, params=0.5 and 0.25, key settings and peers")
-    parser.add_argument("--sections", default="grid,peers,transfer,calibration,seeds,imagenet,mobilenet")
+    parser.add_argument("--sections", default="grid,peers,transfer,calibration,seeds,imagenet,mobilenet,positions")
     parser.add_argument("--models", default="cifar_resnet20,cifar_resnet56")
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--fresh", action="store_true", help="recompute results already in the results file")
@@ -606,6 +675,9 @@ def main() -> None:
             imagenet(runner, ["resnet18", "resnet50", "googlenet"], 256)
         if "mobilenet" in sections:
             mobilenet(runner, MOBILENET_TARGETS)
+        if "positions" in sections:
+            positions(runner, models, ["params=0.5"])
+            mobilenet(runner, [], drawn=tuple(POSITIONS))
     figures = plots(runner.rows)
     update_section(NAME, markdown(runner.rows, env, figures))
 

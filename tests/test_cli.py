@@ -5,6 +5,7 @@ import torch
 from click.testing import CliRunner
 
 from datd.cli import main
+from datd.stats import Statistics
 
 
 def invoke(args):
@@ -16,8 +17,9 @@ def test_help_documents_every_option():
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
                    "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
                    "--memory-format", "--latency-cache", "--measure-latency", "--probe-images", "--shrinkage",
-                   "--propagate", "--fit-budget", "--overwrite", "--resume"):
+                   "--propagate", "--fit-budget", "--positions", "--overwrite", "--resume"):
         assert option in out
+    assert "--positions" in invoke(["stats", "--help"]).output
     assert "latency=F" in out
     assert "--debug" in invoke(["--help"]).output
     for command in ("compress", "stats", "eval", "export", "quantize", "finetune", "demo"):
@@ -55,6 +57,21 @@ def test_stats_dry_run_prints_the_sizes_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "layer3.2.conv2" in result.output and "MiB of float64 sums" in result.output
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_stats_from_drawn_positions(tmp_path):
+    """--positions F: the file says so, the first stage's Σ counts F of its 32×32 positions, and a bad fraction is a
+    clear error."""
+    path = tmp_path / "drawn.safetensors"
+    result = invoke(["stats", "--model", "cifar_resnet20", "--data", "cifar10:test", "--calib", "16",
+                     "--positions", "0.125", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    drawn = Statistics.load(path)
+    assert "0.125 of each conv's positions drawn (seed 0)" in drawn.description
+    assert drawn["conv1"].count == 16 * 128 and drawn["layer3.2.conv2"].count == 16 * 64  # 8×8 maps stay whole
+    result = invoke(["stats", "--model", "cifar_resnet20", "--data", "cifar10:test", "--calib", "16",
+                     "--positions", "1.5", "--out", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2 and "positions" in result.output and not (tmp_path / "bad.safetensors").exists()
 
 
 def test_stats_of_another_model_are_refused(tmp_path):

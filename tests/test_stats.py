@@ -241,7 +241,8 @@ def test_float32_products_stay_within_a_bounded_distance_of_the_float64_referenc
 
 
 def test_sums_bytes_is_what_collect_stats_keeps(monkeypatch):
-    """The dry run's estimate equals the float64 sums the accumulators really hold (pooled part included)."""
+    """The dry run's estimate equals the float64 sums the accumulators really hold (pooled part and the shifted
+    path's term sums included)."""
     import datd.stats as st
     from datd.models import load_model
 
@@ -252,10 +253,55 @@ def test_sums_bytes_is_what_collect_stats_keeps(monkeypatch):
     result = st._Accumulator.result
 
     def measured(self):
-        tensors = [self.sum_outer, self.sum, self.sum_pooled]
+        tensors = [self.sum_outer, self.sum, self.sum_pooled, self.terms]
         held[self.name] = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return result(self)
 
     monkeypatch.setattr(st._Accumulator, "result", measured)
     st.collect_stats(model, [x], progress=False)
     assert estimate == held and len(held) == 20
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
+    nn.Conv2d(6, 6, (3, 2), padding=(1, 0), groups=3),
+    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+])
+def test_drawn_positions_are_im2col_columns(conv):
+    """The sampler's columns are conv_patches' columns at the drawn positions: all of them (in some order) when
+    every position is drawn, and each one a column of its own image otherwise."""
+    x = torch.randn(3, conv.in_channels, 9, 10, dtype=D64)
+    full, _ = stats_module.conv_patches(conv, x)  # (N, G, D, L)
+    sampler = stats_module.PositionSampler(0.5, seed=1, device=torch.device("cpu"))
+    every = sampler.patches(conv, x, full.shape[-1])
+    assert torch.allclose(every @ every.transpose(2, 3), full @ full.transpose(2, 3), atol=1e-10)
+    assert torch.allclose(every.sum(dim=3), full.sum(dim=3), atol=1e-10)
+    some = sampler.patches(conv, x, 5)
+    assert some.shape == (*full.shape[:3], 5)
+    distance = torch.cdist(some.transpose(2, 3), full.transpose(2, 3), compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(distance.min(dim=3).values.max()) < 1e-12
+    assert len({tuple(c.tolist()) for c in some[0, 0].T}) == 5  # drawn without replacement
+
+
+def test_drawn_positions_give_unbiased_moments_reproducibly():
+    """Σ and μ from a quarter of the positions average (over seeds) to the all-position moments, much closer than any
+    one draw is; a seed gives the same statistics every time; maps of at most MIN_POSITIONS positions are whole."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(4, 4, 3, padding=1))
+    images = torch.randn(8, 3, 32, 32).relu()  # 1024 positions in the first conv, 64 in the second
+    exact = collect_stats(model, [images], progress=False)
+    draws = [collect_stats(model, [images], progress=False, positions=0.25, seed=s) for s in range(60)]
+    sigma, mean = exact["0"].sigma, exact["0"].mean
+    errors = [float((d["0"].sigma - sigma).norm() / sigma.norm()) for d in draws]
+    average = torch.stack([d["0"].sigma for d in draws]).mean(dim=0)
+    assert float((average - sigma).norm() / sigma.norm()) < 0.3 * sorted(errors)[len(errors) // 2]
+    average_mean = torch.stack([d["0"].mean for d in draws]).mean(dim=0)
+    assert float((average_mean - mean).norm() / mean.norm()) < 0.3 * float((draws[0]["0"].mean - mean).norm() / mean.norm())
+    assert draws[0]["0"].count == 8 * 256 and exact["0"].count == 8 * 1024
+    again = collect_stats(model, [images], progress=False, positions=0.25, seed=0)
+    assert torch.equal(again["0"].sigma, draws[0]["0"].sigma) and not torch.equal(draws[1]["0"].sigma, draws[0]["0"].sigma)
+    assert torch.allclose(draws[0]["3"].sigma, exact["3"].sigma, rtol=1e-6, atol=1e-9)  # 8×8: kept whole
+    assert "0.25 of each conv's positions drawn" in draws[0].description
+    with pytest.raises(ValueError, match="positions"):
+        collect_stats(model, [images], progress=False, positions=0)

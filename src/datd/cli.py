@@ -188,6 +188,9 @@ def _budgets(scale: str) -> dict:
               help="scale the work each layer's fits may spend (multiply-adds: planning fits "
                    f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
                    "layers) by this factor; 'none' lifts the limit (e.g. on a GPU)")
+@click.option("--positions", default=1.0, show_default=True, type=float,
+              help="fraction of each conv's output positions per image used for Σ (below 1: drawn at random, "
+                   "unbiased; for large calibration sets)")
 @click.option("--overwrite", is_flag=True,
               help="replace an --out directory that holds other files (an earlier datd result is always replaced)")
 @click.option("--resume", is_flag=True,
@@ -196,13 +199,13 @@ def _budgets(scale: str) -> dict:
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
                      memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate, fit_budget,
-                     overwrite, resume, **preprocessing) -> None:
+                     positions, overwrite, resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                            propagate=propagate, **_budgets(fit_budget))
+                            propagate=propagate, positions=positions, **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)
@@ -284,10 +287,13 @@ def _summary(report: dict, out: Path, markdown: Path) -> None:
 @click.option("--calib", default=2048, show_default=True, help="number of images")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="statistics file (.safetensors)")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
-@click.option("--seed", default=0, show_default=True, help="seed of the image subset")
+@click.option("--seed", default=0, show_default=True, help="seed of the image subset (and of drawn --positions)")
 @click.option("--batch-size", default=128, show_default=True)
+@click.option("--positions", default=1.0, show_default=True, type=float,
+              help="fraction of each conv's output positions per image used for Σ (below 1: drawn at random, "
+                   "unbiased; for large calibration sets)")
 @click.option("--dry-run", is_flag=True, help="print the size of the Σ sums per layer and in total; collect nothing")
-def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, dry_run,
+def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, positions, dry_run,
                   **preprocessing) -> None:
     """Collect the input statistics Σ of every Conv2d/Linear and save them for reuse (--stats). Under
     ``torchrun --nproc_per_node N -m datd stats …`` the images are shared among the N processes."""
@@ -304,7 +310,7 @@ def stats_command(model_name, weights, data, calib, out_path, device, seed, batc
                    f"forward pass at batch {batch_size} and one chunk of patch products (≤ 64 MiB)")
         return
     stats = collect_stats(model, distributed.Shard(loader), description=loader.dataset.image_set.description,
-                          progress=distributed.is_main())
+                          progress=distributed.is_main(), positions=positions, seed=seed)
     if not distributed.is_main():
         return
     stats.save(out_path)

@@ -15,8 +15,9 @@ with F the cross-correlation over every image pixel and Row/Col/Point the same s
 columns that the box leaves out (the border: at most d·(k − 1) of them). One call of a convolution's weight
 gradient (``torch.nn.grad.conv2d_weight``: oneDNN on CPUs, cuDNN on GPUs) gives such a cross-correlation at
 every shift of a window at once, so a stride-1 3×3 conv needs one call over the image for the 15 shifts with
-δy ≥ 0 (B(p', p) = B(p, p')ᵀ gives the rest) and thin ones along the border, where im2col forms a (9C)×(9C)
-product: 15/9 of the conv's own multiply-adds instead of 9× (T = C). Exact for zero padding, any stride,
+δy ≥ 0 (B(p', p) = B(p, p')ᵀ gives the rest; from ``SPLIT_CHANNELS`` on two calls, for 3 + 10 of them) and thin
+ones along the border, where im2col forms a (9C)×(9C) product: 15/9 of the conv's own multiply-adds instead of 9×
+(T = C). Exact for zero padding, any stride,
 dilation, kernel and image size; each call reduces over at most ``POSITIONS_PER_CALL`` positions in the compute
 dtype and the calls are summed in float64.
 
@@ -45,6 +46,12 @@ MEMORY_WEIGHT = 8
 MIN_CHANNELS = 8
 # Single-channel sets (depthwise convs) are correlated this many at a time.
 BLOCK = 8
+# From this many channels (per set) on, the shifts of a window are computed in two windows where that saves a tenth
+# of them (``_cover``); below it only where that saves a quarter. For narrower sets the weight-gradient kernels gain
+# more from one wider window than the few extra shifts cost (measured on 2 CPU cores, stride-1 3×3: one window of 15
+# shifts / two of 3 + 10, time against the conv's forward pass: 64 channels at 56×56 1.46× / 1.97×, 128 at 28×28
+# 1.38× / 1.46×, 256 at 14×14 1.78× / 1.69×, 512 at 7×7 2.65× / 2.16×).
+SPLIT_CHANNELS = 256
 # Elements of the blocks added to the float64 sums at once (a bound on that temporary: 2^22 ≈ 32 MiB).
 BLOCK_ELEMENTS = 1 << 22
 
@@ -165,11 +172,11 @@ class _Schedule:
 
 
 @functools.lru_cache(maxsize=512)
-def _schedule(geometry: ConvGeometry) -> _Schedule:
+def _schedule(geometry: ConvGeometry, wide: bool = False) -> _Schedule:
     """The terms of every block p ≤ p' (module docstring): per pair of phase planes the full cross-correlation over
-    the first plane's image (in one or two windows, ``_cover``), then for each image row and column that some tap's
-    box leaves out (and each such corner) a correction term at the shifts that need it and reach the second
-    plane's image."""
+    the first plane's image (in one window, or two where that pays: ``_cover``), then for each image row and column
+    that some tap's box leaves out (and each such corner) a correction term at the shifts that need it and reach the
+    second plane's image."""
     ay, ax = geometry.axis(0), geometry.axis(1)
     taps = geometry.taps
     served: dict[tuple, list] = {}
@@ -186,7 +193,7 @@ def _schedule(geometry: ConvGeometry) -> _Schedule:
         rows2, cols2 = ay.image(second[0]), ax.image(second[1])
         if not rows or not cols or not rows2 or not cols2:
             continue  # a plane without image pixels: these blocks are zero
-        windows = _cover([p[2] for p in pairs])
+        windows = _cover([p[2] for p in pairs], wide)
         dilation = windows[0].dilation
         full = [len(terms) + n for n in range(len(windows))]
         terms += [_Term(first, second, (rows.start, rows.stop, cols.start, cols.stop), w) for w in windows]
@@ -244,30 +251,40 @@ def _block_index(schedule: _Schedule, device: torch.device) -> tuple[Tensor, Ten
     return a, b
 
 
-def _cover(shifts: list[tuple[int, int]]) -> tuple[_Window, ...]:
+def _cover(shifts: list[tuple[int, int]], wide: bool) -> tuple[_Window, ...]:
     """Windows for ``shifts``: their spanning window, or that of the first row of shifts and that of the others when
-    this saves at least a tenth of the shifts computed (a stride-1 3×3 kernel: 3 + 10 shifts instead of 15)."""
+    this saves at least a quarter of the shifts computed, or (``wide`` sets of channels) at least a tenth (a stride-1
+    3×3 kernel: 3 + 10 shifts instead of 15, ``SPLIT_CHANNELS``)."""
     whole = _Window.spanning(shifts)
     top = [s for s in shifts if s[0] == whole.start[0]]
     rest = [s for s in shifts if s[0] != whole.start[0]]
     if rest:
         split = (_Window.spanning(top, whole.dilation), _Window.spanning(rest, whole.dilation))
-        if sum(w.size[0] * w.size[1] for w in split) <= 0.9 * whole.size[0] * whole.size[1]:
+        saved = 1 - sum(w.size[0] * w.size[1] for w in split) / (whole.size[0] * whole.size[1])
+        if saved >= (0.1 if wide else 0.25):
             return split
     return (whole,)
+
+
+def wide_sets(channels: int) -> bool:
+    """Whether sets of ``channels`` channels are wide enough to have their windows split at a tenth saved
+    (``SPLIT_CHANNELS``)."""
+    return channels >= SPLIT_CHANNELS
 
 
 def shift_cost(geometry: ConvGeometry, channels: int) -> float:
     """Estimated work (multiply-adds, plus memory traffic weighted by ``MEMORY_WEIGHT``) of ``accumulate_shifted``
     per image and group of ``channels`` input channels."""
     return sum(t.positions * (t.shifts * channels * channels + 2 * MEMORY_WEIGHT * channels)
-               for t in _schedule(geometry).terms)
+               for t in _schedule(geometry, wide_sets(channels)).terms)
 
 
-def im2col_cost(geometry: ConvGeometry, channels: int) -> float:
-    """Estimated work of the im2col formulation per image: the unfolded copy, then one D×D product."""
+def im2col_cost(geometry: ConvGeometry, channels: int, positions: int | None = None) -> float:
+    """Estimated work of the im2col formulation per image: the unfolded copy, then one D×D product (over all
+    output positions, or ``positions`` of them)."""
     dim = channels * geometry.kernel[0] * geometry.kernel[1]
-    positions = geometry.output_hw[0] * geometry.output_hw[1]
+    if positions is None:
+        positions = geometry.output_hw[0] * geometry.output_hw[1]
     return positions * (dim * dim + 3 * MEMORY_WEIGHT * dim)
 
 
@@ -278,6 +295,14 @@ def prefers_shifts(geometry: ConvGeometry, channels: int) -> bool:
     if channels == 1:  # depthwise: correlated BLOCK channels at a time (``_correlate``)
         return geometry.kernel != (1, 1) and shift_cost(geometry, BLOCK) / BLOCK < im2col_cost(geometry, 1)
     return channels >= MIN_CHANNELS and shift_cost(geometry, channels) < im2col_cost(geometry, channels)
+
+
+def exact_cost(geometry: ConvGeometry, channels: int, zero_padding: bool = True) -> float:
+    """Estimated work per image and group of ``channels`` of the exact formulation that is used: shifts where
+    ``prefers_shifts`` (and the padding is zeros), else im2col."""
+    if zero_padding and prefers_shifts(geometry, channels):
+        return shift_cost(geometry, BLOCK) / BLOCK if channels == 1 else shift_cost(geometry, channels)
+    return im2col_cost(geometry, channels)
 
 
 def geometry_of(conv: torch.nn.Conv2d, pad: tuple[int, int, int, int], input_hw: tuple[int, int]) -> ConvGeometry:
@@ -341,12 +366,12 @@ def _correlate(first: _Plane, second: _Plane, term: _Term, sets: int) -> Tensor:
     return result.reshape(sets, c, c, ky, kx).permute(3, 4, 0, 1, 2).contiguous()
 
 
-def accumulate_shifted(x: Tensor, geometry: ConvGeometry, blocks: Tensor, sets: int = 1) -> Tensor:
-    """Add the blocks B(p, p'), p ≤ p', of Σ_patches x xᵀ under a zero-padded conv of ``geometry`` into ``blocks``
-    (sets, taps, C, taps, C) float64 (the upper block triangle; the rest is left alone), for ``sets`` independent
-    sets of C channels stacked along the channels of ``x`` (N, sets·C, H, W) (the groups of a grouped conv, the
-    folds of the statistics; an absent image of a set is all zeros). Return each image's patch sum per set
-    (N, taps, sets, C) in the compute dtype."""
+def shifted_terms(x: Tensor, geometry: ConvGeometry, sets: int = 1) -> tuple[Tensor, Tensor]:
+    """The cross-correlation terms of the patch moments of ``x`` (N, sets·C, H, W) under a zero-padded conv of
+    ``geometry``, for ``sets`` independent sets of C channels stacked along the channels (the groups of a grouped
+    conv, the folds of the statistics; an absent image of a set is all zeros): (shifts of all terms, sets·C·C) in
+    the compute dtype, which ``add_terms`` turns into blocks, and each image's patch sum per set (N, taps, sets, C).
+    Sums of the terms over several calls (in float64) may be added at once: the map to blocks is linear."""
     ay, ax = geometry.axis(0), geometry.axis(1)
     planes: dict[tuple[int, int], _Plane] = {}
 
@@ -355,20 +380,50 @@ def accumulate_shifted(x: Tensor, geometry: ConvGeometry, blocks: Tensor, sets: 
             planes[phase] = _Plane(x, ay, ax, phase)
         return planes[phase]
 
-    schedule = _schedule(geometry)
-    if schedule.terms:
-        c = x.shape[1] // sets
-        sums = torch.cat([_correlate(plane(t.first), plane(t.second), t, sets).view(t.shifts, -1)
-                          for t in schedule.terms])  # (all shifts of all terms, sets·C·C)
-        combination = _combination(schedule, x.dtype, x.device)  # (blocks, shifts): each block's signed sum
-        a, b = _block_index(schedule, x.device)
-        target = blocks.permute(1, 3, 0, 2, 4)  # (taps, taps, sets, C, C), a view
-        step = max(1, BLOCK_ELEMENTS // sums.shape[1])  # bounds the float64 temporary
-        for start in range(0, len(schedule.blocks), step):
-            rows = slice(start, start + step)
-            combined = (combination[rows] @ sums).view(-1, sets, c, c).to(blocks.dtype)
-            target.index_put_((a[rows], b[rows]), combined, accumulate=True)
-    return _per_image_sums(x, geometry, plane).view(x.shape[0], len(geometry.taps), sets, -1)
+    c = x.shape[1] // sets
+    schedule = _schedule(geometry, wide_sets(c))
+    terms = [_correlate(plane(t.first), plane(t.second), t, sets).view(t.shifts, -1) for t in schedule.terms]
+    sums = torch.cat(terms) if terms else x.new_zeros(0, sets * c * c)
+    return sums, _per_image_sums(x, geometry, plane).view(x.shape[0], len(geometry.taps), sets, -1)
+
+
+def defers_terms(geometry: ConvGeometry, channels: int) -> bool:
+    """Whether the terms are fewer than the blocks they make (then their sums are kept and turned into blocks once,
+    at the end; otherwise each call's terms are added to the blocks at once)."""
+    schedule = _schedule(geometry, wide_sets(channels))
+    return sum(t.shifts for t in schedule.terms) < len(schedule.blocks)
+
+
+def term_elements(geometry: ConvGeometry, channels: int, sets: int = 1) -> int:
+    """Elements of ``shifted_terms``' first result."""
+    return sum(t.shifts for t in _schedule(geometry, wide_sets(channels)).terms) * sets * channels * channels
+
+
+def add_terms(sums: Tensor, geometry: ConvGeometry, blocks: Tensor) -> None:
+    """Add the blocks B(p, p'), p ≤ p', that the term sums ``sums`` (``shifted_terms``) make into ``blocks``
+    (sets, taps, C, taps, C) float64 (the upper block triangle; the rest is left alone)."""
+    sets, c = blocks.shape[0], blocks.shape[2]
+    schedule = _schedule(geometry, wide_sets(c))
+    if not schedule.terms:
+        return
+    combination = _combination(schedule, sums.dtype, sums.device)  # (blocks, shifts): each block's signed sum
+    a, b = _block_index(schedule, sums.device)
+    target = blocks.permute(1, 3, 0, 2, 4)  # (taps, taps, sets, C, C), a view
+    step = max(1, BLOCK_ELEMENTS // sums.shape[1])  # bounds the temporary
+    for start in range(0, len(schedule.blocks), step):
+        rows = slice(start, start + step)
+        combined = (combination[rows] @ sums).view(-1, sets, c, c).to(blocks.dtype)
+        target.index_put_((a[rows], b[rows]), combined, accumulate=True)
+
+
+def accumulate_shifted(x: Tensor, geometry: ConvGeometry, blocks: Tensor, sets: int = 1) -> Tensor:
+    """Add the blocks B(p, p'), p ≤ p', of Σ_patches x xᵀ under a zero-padded conv of ``geometry`` into ``blocks``
+    (sets, taps, C, taps, C) float64 (the upper block triangle; the rest is left alone), for ``sets`` sets of C
+    channels stacked along the channels of ``x`` (N, sets·C, H, W) (``shifted_terms``). Return each image's patch
+    sum per set (N, taps, sets, C) in the compute dtype."""
+    sums, per_image = shifted_terms(x, geometry, sets)
+    add_terms(sums, geometry, blocks)
+    return per_image
 
 
 def _per_image_sums(x: Tensor, geometry: ConvGeometry, plane) -> Tensor:

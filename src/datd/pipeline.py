@@ -107,6 +107,8 @@ class CompressConfig:
         inputs it receives in the model compressed so far (``datd.propagate``; one paired forward pass over the
         calibration images per ``propagate_group`` layers). The plan is unchanged: same ranks, same cost.
     propagate_ridge: regularization of the corrected weights towards the original ones, relative to Σ̃'s scale.
+    positions: the fraction of each conv's output positions per image that the statistics use (1: all; below 1
+        drawn at random with ``seed``: ``datd.stats.PositionSampler``, for large calibration sets).
     """
 
     target: str = "params=0.5"
@@ -140,6 +142,7 @@ class CompressConfig:
     propagate: bool = False
     propagate_group: int = 1
     propagate_ridge: float = DEFAULT_RIDGE
+    positions: float = 1.0
 
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
@@ -171,6 +174,8 @@ class CompressConfig:
                 raise DatdError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
         if any(b is not None and b <= 0 for b in (self.candidate_budget, self.fit_budget)):
             raise DatdError("candidate_budget and fit_budget must be positive (or None: no limit)")
+        if not 0 < self.positions <= 1:
+            raise DatdError(f"positions must be a fraction in (0, 1], got {self.positions}")
         if self.propagate_group < 1 or self.propagate_ridge < 0:
             raise DatdError("propagate_group must be >= 1 and propagate_ridge >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
@@ -288,7 +293,7 @@ def compress(
         stats = checkpoint.statistics() if checkpoint is not None else None
         if stats is None:
             stats = collect_stats(original, calib if stats_batches is None else stats_batches, wanted, device=device,
-                                  progress=progress, uncalled="skip")
+                                  progress=progress, uncalled="skip", positions=config.positions, seed=config.seed)
             if checkpoint is not None:
                 checkpoint.save_statistics(stats)
         check_calibration_size(stats.num_images)

@@ -7,6 +7,8 @@ the statistics hold one block per group: ``sigma`` is (G, D, D) and ``mean`` (G,
 block g covering input channels g·S/G … (g+1)·S/G − 1. For a Linear, D = in_features and every row of
 the input's leading dimensions is a sample. Sums are accumulated in float64 and streamed: memory is
 O(Σ sizes), independent of the number of images. Under torch.distributed the sums are all-reduced.
+``collect_stats(positions=F)`` estimates the same moments (without bias) from a drawn fraction F of each
+image's positions where that is cheaper (``PositionSampler``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 from .errors import DatdError, MissingFileError, reading
 from .io import atomic_path
 from .layers import SUPPORTED
-from .patch_moments import ConvGeometry, accumulate_shifted, channel_major, geometry_of, prefers_shifts, tap_major
+from .patch_moments import (ConvGeometry, add_terms, channel_major, defers_terms, exact_cost, geometry_of,
+                             im2col_cost, prefers_shifts, shifted_terms, tap_major, term_elements)
 
 FORMAT = "datd-stats/1"
 LayerFilter = Callable[[nn.Module, str], bool]
@@ -268,13 +271,56 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return cols.reshape(n, conv.groups, -1, positions), (out_h, positions // out_h)
 
 
+class PositionSampler:
+    """Unbiased spatial subsampling of a conv's patch positions (``collect_stats(positions=F)``): each image
+    contributes ``keep(L)`` of its L output positions, drawn uniformly without replacement and independently per
+    image and call from a seeded generator, in the layers where the products of those columns cost less than the
+    exact computation (``datd.patch_moments.exact_cost``; the shifted path's cost grows with 15·C² per position,
+    the drawn columns' with 81·C² per drawn one: drawing pays below about a fifth of a 3×3 conv's positions).
+    Σ and μ estimate the full-position moments without bias (every position is equally likely to be drawn); the
+    pooled moment Σ̄ of per-image mean patches is that of the drawn positions, larger by the sampling variance of
+    a mean of m draws (at most 1/m of the within-image covariance, m ≥ ``MIN_POSITIONS``). Feature maps of at
+    most ``MIN_POSITIONS`` positions are kept whole."""
+
+    MIN_POSITIONS = 64
+
+    def __init__(self, fraction: float, seed: int, device: torch.device):
+        if not 0 < fraction <= 1:
+            raise DatdError(f"the fraction of positions must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def keep(self, positions: int) -> int:
+        """Positions drawn per image from a map of ``positions``."""
+        return min(positions, max(math.ceil(self.fraction * positions), self.MIN_POSITIONS))
+
+    def patches(self, conv: nn.Conv2d, x: Tensor, keep: int) -> Tensor:
+        """``keep`` im2col columns of each image of ``x`` (N, S, H, W) at random output positions: (N, G, D, keep),
+        the columns ``conv_patches`` would give there."""
+        pad = conv_pad(conv)
+        if any(pad):
+            x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        n, channels, height, width = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+        out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+        drawn = torch.rand(n, out_h * out_w, generator=self.generator, device=x.device).argsort(dim=1)[:, :keep]
+        rows = (drawn // out_w * sh)[:, None, None, :] + (torch.arange(kh, device=x.device) * dh)[:, None, None]
+        cols = (drawn % out_w * sw)[:, None, None, :] + (torch.arange(kw, device=x.device) * dw)[None, :, None]
+        index = (rows * width + cols).reshape(n, 1, kh * kw * keep).expand(n, channels, -1)  # (N, S, taps·keep)
+        patches = x.reshape(n, channels, height * width).gather(2, index)
+        return patches.view(n, conv.groups, channels // conv.groups * kh * kw, keep)
+
+
 class _Accumulator:
     """Streaming float64 sums of x xᵀ and x for one layer, per fold ([0]: the even-numbered images or samples,
     [1]: the others). A conv's sums are kept in tap-major order ((tap, channel), ``datd.patch_moments``), where
     only the blocks p ≤ p' of x xᵀ need to be complete; ``result`` turns them into ``F.unfold`` order."""
 
-    def __init__(self, name: str, module: nn.Module, device: torch.device, compute: torch.dtype = torch.float32):
+    def __init__(self, name: str, module: nn.Module, device: torch.device, compute: torch.dtype = torch.float32,
+                 sampler: "PositionSampler | None" = None):
         self.name, self.module, self.device, self.compute = name, module, device, compute
+        self.sampler = sampler
         self.kind = _kind(module)
         self.groups = module.groups if self.kind == "conv2d" else 1
         self.taps = math.prod(module.kernel_size) if self.kind == "conv2d" else 1
@@ -285,6 +331,9 @@ class _Accumulator:
         self.counts = [0, 0]
         self.calls = 0  # images (one per sample of each call) behind sum_pooled
         self.pending: list[Tensor] = []  # mean patches (G, N, D) not yet added to sum_pooled
+        self.images = 0  # images (samples) seen: the parity of the next one decides its fold
+        self.terms: Tensor | None = None  # float64 sums of the shifted path's terms, not yet added to sum_outer
+        self.terms_geometry: ConvGeometry | None = None
         self.input_hw = self.output_hw = (0, 0)
 
     @property
@@ -296,23 +345,33 @@ class _Accumulator:
         if self.kind == "conv2d":
             if x.dim() == 3:
                 x = x.unsqueeze(0)
-            self.input_hw = (x.shape[2], x.shape[3])
-            geometry = geometry_of(module, conv_pad(module), self.input_hw)
-            self.output_hw = geometry.output_hw
-            shifts = module.padding_mode == "zeros" and prefers_shifts(geometry, x.shape[1] // module.groups)
-            per_image = x[0].numel() * (2 if shifts else self.taps)
+            geometry = geometry_of(module, conv_pad(module), (x.shape[2], x.shape[3]))
+            if geometry != self.terms_geometry:
+                self.flush()
+            self.input_hw, self.output_hw = geometry.input_hw, geometry.output_hw
+            positions, channels = math.prod(geometry.output_hw), x.shape[1] // module.groups
+            zeros = module.padding_mode == "zeros"
+            shifts = zeros and prefers_shifts(geometry, channels)
+            keep = positions if self.sampler is None else self.sampler.keep(positions)
+            if keep < positions and im2col_cost(geometry, channels, keep) < exact_cost(geometry, channels, zeros):
+                shifts = False  # drawn positions: fewer products than the exact path's
+            else:
+                keep = positions
+            # elements per image of a chunk's largest temporary (a bound: kh·kw times the input for im2col; smaller
+            # chunks keep the unfolded copy in cache)
+            per_image = x[0].numel() * (2 if shifts else self.taps) if keep == positions \
+                else x[0].numel() + x.shape[1] * self.taps * keep
             step = max(1, _CHUNK_ELEMENTS // per_image)
             for start in range(0, x.shape[0], step):
-                self._add_conv(x[start:start + step], geometry if shifts else None)
+                self._add_conv(self._split(x[start:start + step]), geometry if shifts else None, keep)
         else:
             dim = x.shape[-1]
             self.input_hw = self.output_hw = (x[0].numel() // dim if x.dim() > 1 else 1, 1)
             per_sample = x.reshape(x.shape[0], -1, dim) if x.dim() > 1 else x[None, None]
             self._pool_from(per_sample.shape[1])
-            first = self.calls % 2  # index in this call of its first even-numbered sample
             self._add_pooled(per_sample.mean(dim=1)[None])
             step = max(1, _CHUNK_ELEMENTS // dim)
-            for fold, part in enumerate((per_sample[first::2], per_sample[1 - first::2])):
+            for fold, part in enumerate(self._split(per_sample)):
                 rows = part.reshape(-1, dim)
                 for start in range(0, rows.shape[0], step):
                     chunk = rows[start:start + step]
@@ -335,26 +394,43 @@ class _Accumulator:
         *lead, d, _ = matrix.shape
         return matrix.view(*lead, self.taps, d // self.taps, self.taps, d // self.taps)
 
-    def _add_conv(self, x: Tensor, geometry: ConvGeometry | None) -> None:
-        """x: (N, S, H, W) inputs in the compute dtype; their patch moments from shifted cross-correlations
-        (``datd.patch_moments``, both folds and every group in the same calls) when ``geometry`` is given, else
-        from im2col columns."""
-        positions = self.output_hw[0] * self.output_hw[1]
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The next images (samples) ``x`` by fold: the even-numbered ones (counted over all calls), the others."""
+        first = self.images % 2  # index in x of its first even-numbered image
+        self.images += x.shape[0]
+        return x[first::2], x[1 - first::2]
+
+    def flush(self) -> None:
+        """Add the shifted path's term sums to the blocks of sum_outer (a linear map in float64: how often this
+        happens does not change the result beyond float64 rounding)."""
+        if self.terms is not None:
+            add_terms(self.terms, self.terms_geometry, self._blocks(self.sum_outer).flatten(0, 1))
+        self.terms, self.terms_geometry = None, None
+
+    def _add_conv(self, parts: tuple[Tensor, Tensor], geometry: ConvGeometry | None, positions: int) -> None:
+        """parts: (N, S, H, W) inputs of each fold in the compute dtype; their patch moments from shifted
+        cross-correlations (``datd.patch_moments``, both folds and every group in the same calls) when ``geometry``
+        is given, else from im2col columns: all of them, or ``positions`` per image drawn by the sampler."""
         self._pool_from(positions)
-        first = self.calls % 2  # index in this chunk of its first even-numbered image
-        parts = [x[first::2], x[1 - first::2]]
         if geometry is not None:
             n = max(p.shape[0] for p in parts)
             stacked = torch.cat([p if p.shape[0] == n else F.pad(p, (0, 0, 0, 0, 0, 0, 0, n - p.shape[0]))
                                  for p in parts], dim=1)  # (n, folds·S, H, W): an absent image is zeros
-            blocks = self.sum_outer.view(2 * self.groups, self.taps, -1, self.taps, self.sum_outer.shape[-1] // self.taps)
-            per_image = accumulate_shifted(stacked, geometry, blocks, sets=2 * self.groups)  # (n, taps, 2G, C)
+            terms, per_image = shifted_terms(stacked, geometry, sets=2 * self.groups)  # per_image: (n, taps, 2G, C)
+            if not defers_terms(geometry, parts[0].shape[1] // self.groups):
+                add_terms(terms, geometry, self._blocks(self.sum_outer).flatten(0, 1))
+            elif self.terms is None:  # the terms of every call summed in float64, added to the blocks at the end
+                self.terms, self.terms_geometry = terms.double(), geometry
+            else:
+                self.terms.add_(terms)
             per_image = per_image.permute(2, 0, 1, 3).reshape(2, self.groups, n, -1)  # (folds, G, n, D) tap-major
         for fold, part in enumerate(parts):
             if part.shape[0] == 0:
                 continue
             if geometry is None:
-                outer, _, sums = self._im2col_moments(part)
+                cols = conv_patches(self.module, part)[0] if positions == math.prod(self.output_hw) \
+                    else self.sampler.patches(self.module, part, positions)  # type: ignore[union-attr]
+                outer, sums = self._im2col_moments(cols)
                 self._blocks(self.sum_outer[fold]).add_(outer)
             else:
                 sums = per_image[fold, :, :part.shape[0]]
@@ -363,10 +439,9 @@ class _Accumulator:
             self._add(fold, total, part.shape[0] * positions)
             self._add_pooled(sums / positions)
 
-    def _im2col_moments(self, part: Tensor) -> tuple[Tensor, int, Tensor]:
-        """Σ x xᵀ (G, taps, C, taps, C), the patch count and each image's patch sum (G, N, D), tap-major, of
-        ``part``'s im2col columns."""
-        cols, _ = conv_patches(self.module, part)  # (N, G, D, L), D channel-major
+    def _im2col_moments(self, cols: Tensor) -> tuple[Tensor, Tensor]:
+        """Σ x xᵀ (G, taps, C, taps, C) and each image's patch sum (G, N, D), tap-major, of im2col columns
+        (N, G, D, L), D channel-major."""
         n, groups, dim, positions = cols.shape
         if positions >= dim:  # per-image products avoid a transposed copy of the patches
             outer = (cols @ cols.transpose(2, 3)).sum(dim=0)
@@ -375,7 +450,7 @@ class _Accumulator:
             outer = rows.transpose(1, 2) @ rows
         sums = cols.sum(dim=3).transpose(0, 1)  # (G, N, D)
         channels = dim // self.taps
-        return (tap_major(outer, self.taps), n * positions,
+        return (tap_major(outer, self.taps),
                 sums.reshape(groups, n, channels, self.taps).transpose(2, 3).reshape(groups, n, dim))
 
     def _pool_from(self, positions: int) -> None:
@@ -407,6 +482,7 @@ class _Accumulator:
 
     def result(self) -> LayerStats:
         """The layer's statistics (once: the sums are released as they become the moments)."""
+        self.flush()
         if self.count == 0:
             raise DatdError(f"layer '{self.name}' was never called during the calibration forward passes")
         half = max(self.counts[0], 1)
@@ -433,6 +509,7 @@ class _Accumulator:
         )
 
     def all_reduce(self) -> None:
+        self.flush()
         self._flush_pooled()
         pooled = torch.tensor([float(self.sum_pooled is not None)], device=self.sum.device)
         dist.all_reduce(pooled, op=dist.ReduceOp.MAX)
@@ -463,7 +540,8 @@ def batch_inputs(batch: Tensor | tuple | list | dict) -> Tensor:
 def sums_bytes(model: nn.Module, example: Tensor, layers: Iterable[str] | LayerFilter | None = None) -> dict[str, int]:
     """Bytes of the float64 sums ``collect_stats`` keeps for each layer (Σ of all images, of the even-image fold,
     and the pooled part where a call has several positions, plus the means), from one forward pass of
-    ``example`` (its first sample). The whole pass needs these, the forward pass and one chunk of patch
+    ``example`` (its first sample), and for convs on the shifted path the float64 sums of their terms
+    (``datd.patch_moments.shifted_terms``). The whole pass needs these, the forward pass and one chunk of patch
     products (≤ 2^24 elements in the compute dtype) at a time."""
     chosen = select_layers(model, layers)
     sizes: dict[str, int] = {}
@@ -473,12 +551,18 @@ def sums_bytes(model: nn.Module, example: Tensor, layers: Iterable[str] | LayerF
             x = args[0]
             groups = module.groups if isinstance(module, nn.Conv2d) else 1
             dim = patch_dim(module.weight.shape)
+            terms = 0
             if isinstance(module, nn.Conv2d):
                 positions = conv_patches(module, x[:1])[0].shape[-1]
+                geometry = geometry_of(module, conv_pad(module), (x.shape[-2], x.shape[-1]))
+                channels = module.in_channels // groups
+                if module.padding_mode == "zeros" and prefers_shifts(geometry, channels) \
+                        and defers_terms(geometry, channels):
+                    terms = term_elements(geometry, channels, 2 * groups)
             else:
                 positions = x[:1].numel() // x.shape[-1]
             matrices = 3 if positions > 1 else 2
-            sizes[name] = 8 * groups * (matrices * dim * dim + 2 * dim)
+            sizes[name] = 8 * (groups * (matrices * dim * dim + 2 * dim) + terms)
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in chosen.items()]
@@ -501,6 +585,8 @@ def collect_stats(
     progress: bool = True,
     uncalled: str = "raise",
     precision: str = "float32",
+    positions: float = 1.0,
+    seed: int = 0,
 ) -> Statistics:
     """Run ``model`` (in eval mode) on ``batches`` (a DataLoader or any iterable of input tensors or
     (input, label) pairs) and return the input statistics of every Conv2d/Linear (or the chosen
@@ -508,7 +594,10 @@ def collect_stats(
     called several times per forward pass has its statistics pooled over the calls; one never called
     raises a ValueError naming it (``uncalled='raise'``) or is left out (``uncalled='skip'``). ``precision``:
     the dtype in which each chunk's patch products are formed ('float32', or 'float64' for a reference); the
-    sums over chunks are float64 either way."""
+    sums over chunks are float64 either way. ``positions`` < 1: each image contributes only that fraction of
+    each conv's output positions (at least ``PositionSampler.MIN_POSITIONS``), drawn at random with ``seed``
+    (``PositionSampler``: unbiased, for calibration sets so large that all positions are not worth their cost;
+    under torchrun each rank draws from its own seed, so the result is not the single-process one)."""
     if uncalled not in ("raise", "skip"):
         raise DatdError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
     if precision not in ("float32", "float64"):
@@ -522,7 +611,12 @@ def collect_stats(
     was_training = model.training
     model.eval()
     compute = torch.float32 if precision == "float32" else torch.float64
-    accumulators = {name: _Accumulator(name, module, device, compute) for name, module in chosen.items()}
+    sampler = None
+    if positions != 1:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        sampler = PositionSampler(positions, seed + 7919 * rank, device)
+        description = f"{description}; {positions:g} of each conv's positions drawn (seed {seed})".lstrip("; ")
+    accumulators = {name: _Accumulator(name, module, device, compute, sampler) for name, module in chosen.items()}
     handles = [m.register_forward_pre_hook(accumulators[n]) for n, m in chosen.items()]
     num_images = 0
     try:
