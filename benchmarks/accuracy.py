@@ -131,10 +131,7 @@ class Runner:
         if key in self.done:
             return
         stats, stats_seconds = self.statistics(model, stats_data, calib_images, seed, positions)
-        extra = {}
-        if positions != 1:  # how far the drawn positions move Σ, against the two folds' difference (sampling noise)
-            full, full_seconds = self.statistics(model, stats_data, calib_images, seed)
-            extra = {"positions": positions, "full_stats_seconds": full_seconds, **sigma_changes(stats, full)}
+        extra = drawn_record(stats, positions, lambda: self.statistics(model, stats_data, calib_images, seed))
         calib = self.calib(model, min(calib_images, 2048), seed)
         start = time.perf_counter()
         cache = self.fit_caches.setdefault((model, stats_data, calib_images, seed, positions), {})
@@ -151,6 +148,15 @@ class Runner:
             "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "params_before", "params_after")}
                        for l in report["layers"]],
         })
+
+
+def drawn_record(stats: Statistics, fraction: float, full) -> dict:
+    """What a result from drawn positions records beside its accuracy: the fraction, the time of the all-position
+    statistics (``full()``: (statistics, seconds)) and how far the drawn Σ is from them (nothing when F = 1)."""
+    if fraction == 1:
+        return {}
+    exact, seconds = full()
+    return {"positions": fraction, "full_stats_seconds": seconds, **sigma_changes(stats, exact)}
 
 
 def sigma_changes(drawn: Statistics, full: Statistics) -> dict:
@@ -363,10 +369,7 @@ def mobilenet(runner: Runner, targets: list[str], drawn: tuple[float, ...] = ())
             continue
         data = sources[source]
         stats, stats_seconds = statistics(source, fraction)
-        extra = {}
-        if fraction != 1:
-            full, full_seconds = statistics(source, 1.0)
-            extra = {"positions": fraction, "full_stats_seconds": full_seconds, **sigma_changes(stats, full)}
+        extra = drawn_record(stats, fraction, lambda: statistics(source, 1.0))
         start = time.perf_counter()
         compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False,
                                            measure_latency=False, **DEFAULT)

@@ -57,6 +57,12 @@ def _triple(ctx, param, value: str | None) -> tuple[float, float, float] | None:
     return numbers  # type: ignore[return-value]
 
 
+_positions_option = click.option(
+    "--positions", default=1.0, show_default=True, type=float,
+    help="fraction of each conv's output positions per image used for Σ (below 1: drawn at random, unbiased; for "
+         "large calibration sets)")
+
+
 def _model_options(f=None, *, required: bool = True):
     """--model/--weights and the preprocessing overrides (--mean, --std, --size, --resize, --interpolation)."""
     def decorate(f):
@@ -188,9 +194,7 @@ def _budgets(scale: str) -> dict:
               help="scale the work each layer's fits may spend (multiply-adds: planning fits "
                    f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
                    "layers) by this factor; 'none' lifts the limit (e.g. on a GPU)")
-@click.option("--positions", default=1.0, show_default=True, type=float,
-              help="fraction of each conv's output positions per image used for Σ (below 1: drawn at random, "
-                   "unbiased; for large calibration sets)")
+@_positions_option
 @click.option("--overwrite", is_flag=True,
               help="replace an --out directory that holds other files (an earlier datd result is always replaced)")
 @click.option("--resume", is_flag=True,
@@ -289,9 +293,7 @@ def _summary(report: dict, out: Path, markdown: Path) -> None:
 @click.option("--device", default=None, help="cpu or cuda [default: cuda when available]")
 @click.option("--seed", default=0, show_default=True, help="seed of the image subset (and of drawn --positions)")
 @click.option("--batch-size", default=128, show_default=True)
-@click.option("--positions", default=1.0, show_default=True, type=float,
-              help="fraction of each conv's output positions per image used for Σ (below 1: drawn at random, "
-                   "unbiased; for large calibration sets)")
+@_positions_option
 @click.option("--dry-run", is_flag=True, help="print the size of the Σ sums per layer and in total; collect nothing")
 def stats_command(model_name, weights, data, calib, out_path, device, seed, batch_size, positions, dry_run,
                   **preprocessing) -> None:

@@ -170,6 +170,11 @@ class _Schedule:
     terms: tuple[_Term, ...]
     blocks: tuple[tuple[int, int, tuple[tuple[int, tuple[int, int], int], ...]], ...]
 
+    @property
+    def shifts(self) -> int:
+        """Shifts of all terms: the rows of ``shifted_terms``' first result."""
+        return sum(t.shifts for t in self.terms)
+
 
 @functools.lru_cache(maxsize=512)
 def _schedule(geometry: ConvGeometry, wide: bool = False) -> _Schedule:
@@ -391,12 +396,12 @@ def defers_terms(geometry: ConvGeometry, channels: int) -> bool:
     """Whether the terms are fewer than the blocks they make (then their sums are kept and turned into blocks once,
     at the end; otherwise each call's terms are added to the blocks at once)."""
     schedule = _schedule(geometry, wide_sets(channels))
-    return sum(t.shifts for t in schedule.terms) < len(schedule.blocks)
+    return schedule.shifts < len(schedule.blocks)
 
 
 def term_elements(geometry: ConvGeometry, channels: int, sets: int = 1) -> int:
     """Elements of ``shifted_terms``' first result."""
-    return sum(t.shifts for t in _schedule(geometry, wide_sets(channels)).terms) * sets * channels * channels
+    return _schedule(geometry, wide_sets(channels)).shifts * sets * channels * channels
 
 
 def add_terms(sums: Tensor, geometry: ConvGeometry, blocks: Tensor) -> None:

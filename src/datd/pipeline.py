@@ -49,7 +49,7 @@ from .probe import DamageProbe
 from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
 from .sensitivity import Sensitivity, output_sensitivity
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
-from .stats import Statistics, batch_inputs, check_calibration_size, collect_stats
+from .stats import Statistics, batch_inputs, check_calibration_size, check_positions, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
 
 RANK_MODES = ("auto", "uniform")
@@ -174,8 +174,7 @@ class CompressConfig:
                 raise DatdError(f"shrinkage must be 'cv' or a number in [0, 1], got {self.shrinkage!r}")
         if any(b is not None and b <= 0 for b in (self.candidate_budget, self.fit_budget)):
             raise DatdError("candidate_budget and fit_budget must be positive (or None: no limit)")
-        if not 0 < self.positions <= 1:
-            raise DatdError(f"positions must be a fraction in (0, 1], got {self.positions}")
+        check_positions(self.positions)
         if self.propagate_group < 1 or self.propagate_ridge < 0:
             raise DatdError("propagate_group must be >= 1 and propagate_ridge >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):

@@ -271,6 +271,19 @@ def conv_patches(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return cols.reshape(n, conv.groups, -1, positions), (out_h, positions // out_h)
 
 
+def check_positions(fraction: float) -> float:
+    """The fraction of each conv's positions the statistics use (``collect_stats(positions=…)``), checked."""
+    if not 0 < fraction <= 1:
+        raise DatdError(f"positions must be a fraction in (0, 1], got {fraction}")
+    return fraction
+
+
+def _shifted_path(conv: nn.Conv2d, geometry: ConvGeometry) -> bool:
+    """Whether the exact statistics of ``conv`` on inputs of ``geometry`` come from shifted cross-correlations
+    (``datd.patch_moments``: zero padding, where ``prefers_shifts``) rather than im2col columns."""
+    return conv.padding_mode == "zeros" and prefers_shifts(geometry, conv.in_channels // conv.groups)
+
+
 class PositionSampler:
     """Unbiased spatial subsampling of a conv's patch positions (``collect_stats(positions=F)``): each image
     contributes ``keep(L)`` of its L output positions, drawn uniformly without replacement and independently per
@@ -285,9 +298,7 @@ class PositionSampler:
     MIN_POSITIONS = 64
 
     def __init__(self, fraction: float, seed: int, device: torch.device):
-        if not 0 < fraction <= 1:
-            raise DatdError(f"the fraction of positions must be in (0, 1], got {fraction}")
-        self.fraction = fraction
+        self.fraction = check_positions(fraction)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
@@ -350,10 +361,10 @@ class _Accumulator:
                 self.flush()
             self.input_hw, self.output_hw = geometry.input_hw, geometry.output_hw
             positions, channels = math.prod(geometry.output_hw), x.shape[1] // module.groups
-            zeros = module.padding_mode == "zeros"
-            shifts = zeros and prefers_shifts(geometry, channels)
+            shifts = _shifted_path(module, geometry)
             keep = positions if self.sampler is None else self.sampler.keep(positions)
-            if keep < positions and im2col_cost(geometry, channels, keep) < exact_cost(geometry, channels, zeros):
+            if keep < positions and im2col_cost(geometry, channels, keep) < exact_cost(
+                    geometry, channels, module.padding_mode == "zeros"):
                 shifts = False  # drawn positions: fewer products than the exact path's
             else:
                 keep = positions
@@ -556,8 +567,7 @@ def sums_bytes(model: nn.Module, example: Tensor, layers: Iterable[str] | LayerF
                 positions = conv_patches(module, x[:1])[0].shape[-1]
                 geometry = geometry_of(module, conv_pad(module), (x.shape[-2], x.shape[-1]))
                 channels = module.in_channels // groups
-                if module.padding_mode == "zeros" and prefers_shifts(geometry, channels) \
-                        and defers_terms(geometry, channels):
+                if _shifted_path(module, geometry) and defers_terms(geometry, channels):
                     terms = term_elements(geometry, channels, 2 * groups)
             else:
                 positions = x[:1].numel() // x.shape[-1]
