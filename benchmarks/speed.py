@@ -156,7 +156,7 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
 
 
 def compress_markdown(rows: list[dict], env: dict) -> str:
-    stages = ["statistics", "sensitivity", "planning", "damage probes", "fitting"]
+    stages = ["statistics", "shrinkage", "sensitivity", "planning", "damage probes", "fitting"]
     lines = ["## Speed: compress end to end (`benchmarks/speed.py --sections compress`)", "",
              "`datd.compress` with the default method and ranks (auto), probes on, latency not measured, from "
              "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
@@ -166,7 +166,7 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
              "params | MACs |",
              "|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
     for r in rows:
-        cells = " | ".join(f"{r['timings'].get(s, 0):.0f}" for s in stages)
+        cells = " | ".join(f"{r['timings'][s]:.0f}" if s in r['timings'] else "—" for s in stages)
         lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f} | {cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
                      f"{r['macs_ratio']:.3f} |")

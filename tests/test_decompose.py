@@ -73,26 +73,35 @@ def test_sigma_error_never_increases(fit, norm):
     assert len(h) > 10
     assert (h[1:] <= h[:-1] * (1 + 1e-12)).all(), h
     assert h[-1] < h[0]
-    # the history is the true relative Σ-error of the returned factors
+    # the history (expanded through the ALS steps' products) is the true relative Σ-error of the returned factors,
+    # at the start, after a few sweeps and at the end
     s = prepare_sigma(sigma, 24 * 9, 1e-6)
-    assert relative_error(w.double().reshape(32, -1), result.reconstruct().reshape(32, -1), s) == pytest.approx(h[-1].item(), rel=1e-9)
+    for sweeps in (0, 3, None):
+        fitted = result if sweeps is None else (tucker2(w, sigma, (12, 10), max_iter=sweeps, tol=0) if fit == "tucker2"
+                                                else cp(w, sigma, 20, max_iter=sweeps, tol=0))
+        true = relative_error(w.double().reshape(32, -1), fitted.reconstruct().reshape(32, -1), s)
+        assert true == pytest.approx(fitted.history[-1], rel=1e-9)
+        assert sweeps is None or fitted.history == result.history[:sweeps + 1]
 
 
 @pytest.mark.parametrize("norm", ["sigma", "singular"])
-def test_svd_is_the_closed_form_optimum(norm):
+@pytest.mark.parametrize("t", [40, 150])  # T < D = 108, and an expanding layer (T > D: solved in D dimensions)
+def test_svd_is_the_closed_form_optimum(norm, t):
     gen = torch.Generator().manual_seed(8)
-    w = torch.randn(40, 12, 3, 3, generator=gen, dtype=D64)
+    w = torch.randn(t, 12, 3, 3, generator=gen, dtype=D64)
     sigma = SIGMAS[norm](12 * 9)
     s = prepare_sigma(sigma, 12 * 9, 1e-6)
-    w1 = w.reshape(40, -1)
+    w1 = w.reshape(t, -1)
     eig = torch.linalg.eigvalsh(w1 @ s @ w1.T).flip(0)
+    assert spectrum(w, sigma).shape == (t,)
     assert torch.allclose(spectrum(w, sigma), eig.clamp_min(0), rtol=1e-10, atol=1e-12 * eig[0])
-    for rank in (1, 5, 17, 39):
+    for rank in (r for r in (1, 5, 17, 39, 107) if r <= min(t, 108)):
         result = svd(w, sigma, rank)
         assert result.error**2 == pytest.approx(float(eig[rank:].sum() / eig.sum()), rel=1e-8)
+        assert torch.allclose(result.out_factor.T @ result.out_factor, torch.eye(rank, dtype=D64), atol=1e-10)
         # no other rank-r fit does better: perturbing the optimum only increases the error
-        approx = result.reconstruct().reshape(40, -1)
-        noise = 1e-3 * torch.randn(40, rank, generator=gen, dtype=D64) @ torch.randn(rank, 108, generator=gen, dtype=D64)
+        approx = result.reconstruct().reshape(t, -1)
+        noise = 1e-3 * torch.randn(t, rank, generator=gen, dtype=D64) @ torch.randn(rank, 108, generator=gen, dtype=D64)
         u, sv, vh = torch.linalg.svd(approx + noise, full_matrices=False)
         other = (u[:, :rank] * sv[:rank]) @ vh[:rank]
         assert relative_error(w1, other, s) > result.error

@@ -8,9 +8,8 @@ from datd.layers import Geometry
 from datd.sensitivity import Sensitivity
 
 
-def problem(pooled: bool, seed: int = 0) -> LayerProblem:
+def problem(pooled: bool, seed: int = 0, t: int = 6, s: int = 4, k: int = 3) -> LayerProblem:
     gen = torch.Generator().manual_seed(seed)
-    t, s, k = 6, 4, 3
     d = s * k * k
     a = torch.randn(d, 2 * d, generator=gen, dtype=torch.float64)
     sigma = a @ a.T / (2 * d)
@@ -22,21 +21,24 @@ def problem(pooled: bool, seed: int = 0) -> LayerProblem:
     return LayerProblem("l", weight, sigma, mean, Geometry((t, s, k, k), 1, False, (8, 8), (8, 8)), None, sigma_pooled)
 
 
-def sensitivity(seed: int = 1) -> Sensitivity:
+def sensitivity(seed: int = 1, t: int = 6) -> Sensitivity:
     gen = torch.Generator().manual_seed(seed)
-    total = torch.rand(6, generator=gen, dtype=torch.float64) + 0.1
-    pooled = 64 * total * torch.rand(6, generator=gen, dtype=torch.float64)
+    total = torch.rand(t, generator=gen, dtype=torch.float64) + 0.1
+    pooled = 64 * total * torch.rand(t, generator=gen, dtype=torch.float64)
     return Sensitivity.measured(total, pooled, 64)
 
 
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("bias_correction", [False, True])
-def test_svd_damage_curve_matches_the_fitted_layers(pooled, bias_correction):
-    p, sens = problem(pooled), sensitivity()
+@pytest.mark.parametrize("shape", [(6, 4, 3), (9, 5, 1)])  # T < D, and an expanding 1×1 conv (T > D)
+def test_svd_damage_curve_matches_the_fitted_layers(pooled, bias_correction, shape):
+    t, d = shape[0], shape[1] * shape[2] ** 2
+    p, sens = problem(pooled, t=t, s=shape[1], k=shape[2]), sensitivity(t=t)
     settings = FitSettings(bias_correction=bias_correction)
     curve = svd_damage_curve(p, sens, settings)
-    assert curve.shape == (7,) and curve[-1] == 0
-    for rank in range(1, 7):
+    assert curve.shape == (t + 1,) and curve[-1] == 0
+    assert (curve[min(t, d):] == 0).all()  # rank D reproduces the layer exactly
+    for rank in range(1, min(t, d) + 1):
         approx = fit(p, "svd", (rank,), settings).reconstruct()
         assert curve[rank] == pytest.approx(damage(p, approx, sens, bias_correction), rel=1e-6, abs=1e-12)
     assert curve[0] == pytest.approx(damage(p, torch.zeros_like(p.weight), sens, bias_correction), rel=1e-9)

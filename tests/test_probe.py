@@ -75,3 +75,51 @@ def test_calibrated_takes_measurements_and_scales_the_rest_by_the_nearest_ratio(
     clamped = {(o.method, o.ranks): o.damage for o in calibrated(_options(), {("svd", (2,)): 1e9})}
     assert clamped[("svd", (1,))] == pytest.approx(MEASURED_RATIO_LIMITS[1])
     assert calibrated(_options(), {}) == _options()
+
+
+class _Residual(nn.Module):
+    """A residual block with a layer called twice (probed by full passes) and functional ops for fx to trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.b(torch.relu(self.a(x))))
+        x = self.shared(self.shared(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class _Untraceable(_Residual):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("model_cls", [_Residual, _Untraceable])
+def test_probing_together_gives_the_separate_probes_bit_for_bit(model_cls):
+    torch.manual_seed(3)
+    model = model_cls().eval()
+    batches = list(torch.randn(40, 3, 6, 6).split(16))
+    probe = DamageProbe(model, batches, images=40)
+    gen = torch.Generator().manual_seed(4)
+    replacements = [(m, m.weight.detach() * (1 + 0.3 * torch.randn(m.weight.shape, generator=gen)),
+                     None if m.bias is None else m.bias.detach() + 0.1)
+                    for m in (model.stem, model.a, model.b, model.shared, model.head, model.a)]
+    separate = [probe.measure(*r) for r in replacements]
+    if model_cls is _Untraceable:
+        with pytest.warns(UserWarning, match="cannot trace"):
+            together = probe.measure_many(replacements)
+    else:
+        together = probe.measure_many(replacements)
+        assert probe._traced() is not None and "shared" not in probe._traced().start  # called twice
+    assert together == separate and all(mean > 0 for mean, _ in together)
+    assert probe.lower_bounds(replacements) == [probe.lower_bound(*r) for r in replacements]
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), model(batches[0]))

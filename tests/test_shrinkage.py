@@ -1,5 +1,6 @@
 """Σ shrinkage chosen by two-fold cross-validation over images (datd.shrinkage)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -37,6 +38,24 @@ def test_cross_validation_trusts_a_well_sampled_sigma_and_distrusts_a_fold_speci
     fold_b = basis[:, 8:] @ basis[:, 8:].T + 1e-3 * torch.eye(16, dtype=D64)
     choice = cross_validated_alpha(w, fold_a, fold_b)
     assert choice.alpha >= 0.6 and choice.errors[choice.alpha] < choice.errors[0.0]
+
+
+def test_cross_validated_errors_of_an_expanding_layer_match_the_full_computation():
+    """T > D: the errors are computed from W's triangular factor; here against T×T eigendecompositions."""
+    torch.manual_seed(3)
+    w = torch.randn(40, 10, dtype=D64)
+    mix = torch.randn(10, 10, dtype=D64) * torch.logspace(0, -1, 10, dtype=D64)
+    a, b = (x.T @ x / 30 for x in (torch.randn(30, 10, dtype=D64) @ mix.T for _ in range(2)))
+    choice = cross_validated_alpha(w, a, b)
+    ranks = sorted({round(f * 40 * 10 / 50) for f in (0.6, 0.4, 0.25)})
+    for alpha, error in choice.errors.items():
+        total = 0.0
+        for fit, test in ((a, b), (b, a)):
+            moment = (1 - alpha) * fit + alpha * torch.trace(fit) / 10 * torch.eye(10, dtype=D64)
+            u = torch.linalg.eigh(w @ moment @ w.T)[1].flip(1)
+            g = w @ test @ w.T
+            total += sum(float(1 - torch.trace(u[:, :r].T @ g @ u[:, :r]) / torch.trace(g)) for r in ranks)
+        assert error == pytest.approx(total / (2 * len(ranks)), rel=1e-9, abs=1e-12)
 
 
 def test_layer_alpha_uses_the_statistics_folds_and_compress_reports_it():

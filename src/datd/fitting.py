@@ -27,7 +27,7 @@ from torch import Tensor
 from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, svd, tucker2
 from .decompose.cp import sweep_macs as cp_sweep_macs
 from .decompose.tucker2 import sweep_macs as tucker2_sweep_macs
-from .decompose._linalg import prepare_sigma, sigma_matmul, top_eigh
+from .decompose._linalg import gram_top_eigh, prepare_sigma
 from .layers import Geometry
 from .sensitivity import Sensitivity
 
@@ -192,9 +192,9 @@ def svd_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings: 
                    for g, s in enumerate(sensitivity.chunk(problem.groups)))
     w = problem.matrix
     s = prepare_sigma(problem.fit_moment(settings.norm, settings.bias_correction), w.shape[1], settings.sigma_reg)
-    _, u = top_eigh(sigma_matmul(w, s) @ w.T, w.shape[0])
+    _, u = gram_top_eigh(w, s, min(w.shape))  # beyond rank D the fit is exact: v_k = 0
     v = u.T @ w
     h = sum((v @ m @ v.T) * (u.T @ (weights[:, None] * u))
             for weights, m in problem.damage_terms(sensitivity, settings.bias_correction))
     trailing = h.flip(0, 1).cumsum(0).cumsum(1).diagonal().flip(0)  # trailing[R] = Σ_{k,l>=R} h_kl
-    return 0.5 * torch.cat([trailing, trailing.new_zeros(1)])
+    return 0.5 * torch.cat([trailing, trailing.new_zeros(w.shape[0] + 1 - trailing.shape[0])])

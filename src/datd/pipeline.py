@@ -81,7 +81,7 @@ class CompressConfig:
     candidate_budget / fit_budget: the multiply-adds one planning fit / one final fit of a layer may spend
         (``datd.fitting.sweeps``): their sweeps are cut to what the budget pays for, and a planning option whose
         fit cannot pay for one sweep is not offered. The defaults bind only on wide layers (from 256 channels
-        with 3×3 kernels: a CP sweep of a 512-channel layer costs 3·10¹⁰–5·10¹¹), which would otherwise take
+        with 3×3 kernels: a CP sweep of a 512-channel layer costs 10¹⁰–2.5·10¹¹), which would otherwise take
         hours on a CPU; None lifts them.
     min_params: layers with fewer weights are left alone.
     rank_multiple: every rank a multiple of this (hardware-friendly ranks); 0 = automatic: for latency
@@ -312,6 +312,7 @@ def compress(
     if fit_cache is not None:
         if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
             raise DatdError("fit_cache can only be reused with the same statistics object (pass stats=...)")
+    tick = time.perf_counter()
     layers: dict[str, _Layer] = {}
     for name in wanted:
         if plan_file is not None and (name not in plan_file or plan_file[name][0] == "dense"):
@@ -320,6 +321,7 @@ def compress(
         layers[name] = _make_layer(name, candidates[name], stats, config)
         if fit_cache is not None:
             layers[name].fits = fit_cache.setdefault((name, layers[name].shrinkage.alpha), {})
+    timings["shrinkage"] = time.perf_counter() - tick  # each layer's cross-validated α (``datd.shrinkage``)
 
     tick = time.perf_counter()
     if config.ranks == "auto" and config.sensitivity and layers:
@@ -685,11 +687,13 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
                 if o.method != "dense" and (o.method, o.ranks) not in measured.get(n, {})]
         if not todo:
             break
+        replacements = []
         for name, option in todo:
             layer = layers[name]
             approx = _fit_cached(layer, option.method, option.ranks, settings).reconstruct()
-            bias = layer.problem.corrected_bias(approx, settings.bias_correction)
-            measured.setdefault(name, {})[option.method, option.ranks] = probe.lower_bound(layer.module, approx, bias)
+            replacements.append((layer.module, approx, layer.problem.corrected_bias(approx, settings.bias_correction)))
+        for (name, option), kl in zip(todo, probe.lower_bounds(replacements)):  # one round's probes share passes
+            measured.setdefault(name, {})[option.method, option.ranks] = kl
         corrected = {n: calibrated(opts, measured.get(n, {})) for n, opts in options.items()}
     return corrected, measured
 

@@ -8,17 +8,95 @@ prediction approximates, the mean KL divergence KL(p ‖ p̃) per image between 
 probabilities p and those of the model with one layer's weight (and bias) replaced, on a fixed set of
 calibration images. With Fisher sensitivities from labels sampled from the model (``datd.sensitivity``),
 ½ eᵀ F e is the second-order expansion of exactly this KL, so the two are in the same unit (nats per image).
+
+Probing many layers at once (``lower_bounds``) shares the work before each layer: the model is traced
+(``torch.fx``) and run once, node by node, and at each probed layer the rest of the graph is run from the values
+live there with that layer replaced — each probe costs the part of the model from its layer on, not the whole
+model (a ResNet-50's probes about half). The results are those of separate full passes, bit for bit (the same
+operations on the same values); models that cannot be traced, or layers called more than once, are probed
+with full passes.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import warnings
+from collections import Counter
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .stats import batch_inputs
+
+Replacement = tuple[nn.Module, Tensor, "Tensor | None"]  # (Conv2d or Linear of the model, weight, bias)
+
+
+def _replaced(module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    weight = weight.to(module.weight.dtype).reshape(module.weight.shape)
+    return weight, None if bias is None else bias.to(module.weight.dtype)
+
+
+def _forward_with(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _Graph:
+    """``model`` traced by ``torch.fx``, run node by node: ``run`` from the first node or, given the values live
+    before node ``start``, from there, with one module's call replaced. ``start[name]``: the node of each module
+    called exactly once. Values are dropped after their last use, so a run holds what an eager forward holds."""
+
+    def __init__(self, model: nn.Module):
+        self.module = fx.symbolic_trace(model)
+        self.nodes = list(self.module.graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = [max((index[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)]
+        self.dead: list[list[fx.Node]] = [[] for _ in self.nodes]
+        for i, n in enumerate(self.nodes):
+            self.dead[self.last_use[i]].append(n)
+        calls = Counter(n.target for n in self.nodes if n.op == "call_module")
+        self.start = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module" and calls[n.target] == 1}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if not placeholders or any(not n.args for n in placeholders[1:]):
+            raise TypeError("the traced forward does not take exactly one required input")
+
+    def run(self, x: Tensor, env: dict[fx.Node, Any] | None = None, start: int = 0,
+            replace: Replacement | None = None, visit: Callable[[int, dict], None] | None = None) -> Tensor:
+        """The output from node ``start`` on (``env``: the values live there), node ``start`` computed by
+        ``replace`` = (module, weight, bias) if given; ``visit(i, env)`` is called before each node i."""
+        env = {} if env is None else dict(env)
+        placeholder = 0
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            if visit is not None:
+                visit(i, env)
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if node.op == "placeholder":
+                value = x if placeholder == 0 else args[0]
+                placeholder += 1
+            elif node.op == "get_attr":
+                value = self.module
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                if i == start and replace is not None:
+                    value = _forward_with(replace[0], args[0], replace[1], replace[2])
+                else:
+                    value = self.module.get_submodule(node.target)(*args, **kwargs)
+            else:  # output
+                return args[0]
+            env[node] = value
+            for n in self.dead[i]:
+                env.pop(n, None)
+        raise RuntimeError("the traced graph has no output node")
 
 
 class DamageProbe:
@@ -43,6 +121,8 @@ class DamageProbe:
             raise ValueError("the calibration data yielded no images for the damage probe")
         self.images = seen
         self.reference = [self._log_probs(x) for x in self.inputs]
+        self._graph: _Graph | None | bool = False  # not traced yet
+        self._names = {id(m): n for n, m in model.named_modules()}
 
     def _log_probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -60,21 +140,79 @@ class DamageProbe:
         mean, error = self.measure(module, weight, bias)
         return max(mean - z * error, 0.0)
 
+    def lower_bounds(self, replacements: Sequence[Replacement], z: float = 2.0) -> list[float]:
+        """``lower_bound`` of each (module, weight, bias) of ``replacements``, probed together (see the module
+        docstring: one pass through the model's shared beginning per batch)."""
+        return [max(mean - z * error, 0.0) for mean, error in self.measure_many(replacements)]
+
     def measure(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[float, float]:
         """(mean KL, standard error of that mean over the probe images) with ``module`` replaced."""
-        weight = weight.to(module.weight.dtype).reshape(module.weight.shape)
-        bias = None if bias is None else bias.to(module.weight.dtype)
+        weight, bias = _replaced(module, weight, bias)
 
         def replace(mod: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if isinstance(mod, nn.Conv2d):
-                return mod._conv_forward(args[0], weight, bias)
-            return F.linear(args[0], weight, bias)
+            return _forward_with(mod, args[0], weight, bias)
 
         handle = module.register_forward_hook(replace)
         try:
-            per_image = torch.cat([(log_p.exp() * (log_p - self._log_probs(x))).sum(dim=1)
-                                   for x, log_p in zip(self.inputs, self.reference)])
+            return self._summary([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
         finally:
             handle.remove()
+
+    def measure_many(self, replacements: Sequence[Replacement]) -> list[tuple[float, float]]:
+        """``measure`` of each of ``replacements``, in one traced pass per batch where the model allows it."""
+        graph = self._traced()
+        starts = [graph.start.get(self._names.get(id(m), "")) if graph is not None else None
+                  for m, _, _ in replacements]
+        out: list[tuple[float, float] | None] = [None] * len(replacements)
+        for k, (module, weight, bias) in enumerate(replacements):
+            if starts[k] is None:
+                out[k] = self.measure(module, weight, bias)
+        at: dict[int, list[int]] = {}
+        for k, i in enumerate(starts):
+            if i is not None:
+                at.setdefault(i, []).append(k)
+        if at:
+            assert graph is not None
+            ready = {k: _replaced(*replacements[k]) for ks in at.values() for k in ks}
+            per_image: dict[int, list[Tensor]] = {k: [] for k in ready}
+            with torch.no_grad():
+                for x, log_p in zip(self.inputs, self.reference):
+                    x = x.to(self.device)
+
+                    def branch(i: int, env: dict, x=x, log_p=log_p) -> None:
+                        for k in at.get(i, ()):
+                            out_k = graph.run(x, env, i, (replacements[k][0], *ready[k]))
+                            per_image[k].append(self._kl(log_p, torch.log_softmax(out_k.double().flatten(1), dim=1)))
+
+                    graph.run(x, visit=branch)
+            for k, parts in per_image.items():
+                out[k] = self._summary(parts)
+        return out  # type: ignore[return-value]
+
+    def _traced(self) -> _Graph | None:
+        """The traced model, if it traces and reproduces the model's outputs exactly (checked on the first
+        probe batch); None otherwise (with a warning: probes then cost a full pass each)."""
+        if self._graph is False:
+            try:
+                graph = _Graph(self.model)
+                with torch.no_grad():
+                    x = self.inputs[0].to(self.device)
+                    same = torch.equal(graph.run(x), self.model(x))
+                self._graph = graph if same else None
+                reason = "its traced graph computes other outputs"
+            except Exception as exc:  # noqa: BLE001 - any model fx cannot trace: the full passes still work
+                self._graph, reason = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if self._graph is None:
+                warnings.warn(f"damage probes run the whole model per probe: torch.fx cannot trace it ({reason})",
+                              stacklevel=3)
+        return self._graph  # type: ignore[return-value]
+
+    @staticmethod
+    def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+    @staticmethod
+    def _summary(parts: list[Tensor]) -> tuple[float, float]:
+        per_image = torch.cat(parts)
         error = float(per_image.std() / per_image.numel() ** 0.5) if per_image.numel() > 1 else 0.0
         return max(float(per_image.mean()), 0.0), error

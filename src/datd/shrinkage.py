@@ -13,7 +13,8 @@ with α chosen per layer by two-fold cross-validation over images (``LayerStats.
 images form fold A, the rest fold B): the rank-R Σ-SVD fitted in fold A's shrunk covariance is scored by its
 relative error in fold B's unshrunk one, and vice versa, averaged over a few ranks. The Σ-SVD stands in for
 every method (it is the closed-form member of the family); with G = W C Wᵀ and H = W Wᵀ the whole grid costs
-two T×T products per fold and one T×T eigendecomposition per α.
+two products per fold and one eigendecomposition per α, of size min(T, D) (an expanding layer, T > D, is scored
+through the triangular factor R of W = QR, which leaves every error unchanged).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def _fold_errors(matrix: Tensor, fold_a: Tensor, fold_b: Tensor, alphas: tuple[f
     ranks = sorted({min(max(1, round(f * breakeven)), t - 1, d) for f in RANK_FRACTIONS if t > 1})
     if not ranks:
         return {}
+    if t > d:  # W = Q R: every quantity below is invariant under W → R (Q orthonormal), and R is D×D
+        matrix = torch.linalg.qr(matrix, mode="r")[1]
     h = matrix @ matrix.T
     grams = [matrix @ f @ matrix.T for f in (fold_a, fold_b)]
     scales = [torch.trace(f) / d for f in (fold_a, fold_b)]

@@ -8,6 +8,7 @@ in the same order. The Σ-norm of a (m, S·P) matrix X is ‖X Σ^{1/2}‖_F, i.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -62,6 +63,19 @@ def relative_error(w1: Tensor, approx1: Tensor, sigma: Tensor | None) -> float:
     return float(torch.sqrt(sq_sigma_norm(w1 - approx1, sigma) / sq_sigma_norm(w1, sigma)))
 
 
+# Below this relative error the expanded form loses digits to cancellation (its squared error is a difference of
+# terms ~1/EXPANDED_FLOOR² larger: 1e-10 relative here); the error is then computed from the reconstruction.
+EXPANDED_FLOOR = 1e-3
+
+
+def expanded_relative_error(norm_sq: Tensor, cross: Tensor, model_sq: Tensor, exact: Callable[[], float]) -> float:
+    """‖(W₁ − W̃₁) Σ^{1/2}‖_F / ‖W₁ Σ^{1/2}‖_F from ``norm_sq`` = ‖W₁‖²_Σ, ``cross`` = tr(W̃₁ Σ W₁ᵀ) and ``model_sq`` =
+    ‖W̃₁‖²_Σ, which the ALS steps have at hand (no T·D² product through Σ); ``exact()`` where the result is
+    below ``EXPANDED_FLOOR``."""
+    rel_sq = float((norm_sq - 2 * cross + model_sq) / norm_sq)
+    return math.sqrt(rel_sq) if rel_sq >= EXPANDED_FLOOR**2 else exact()
+
+
 def top_eigh(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs of a symmetric matrix, eigenvalues descending, eigenvector signs fixed
     (largest-magnitude entry positive) so that results are deterministic."""
@@ -71,6 +85,26 @@ def top_eigh(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     signs = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
     signs[signs == 0] = 1
     return vals, vecs * signs
+
+
+def gram_top_eigh(w1: Tensor, sigma: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of G = W₁ Σ W₁ᵀ (T, T) for W₁ (T, D), as ``top_eigh`` (Σ = I for None; k ≤ min(T, D)).
+
+    Where T > D (expanding 1×1 convs: a 512 → 2048 projection) G has rank ≤ D: with W₁ = Q R (thin QR, Q (T, D)
+    orthonormal) G = Q (R Σ Rᵀ) Qᵀ, so its eigenvectors are Q times those of the D×D matrix R Σ Rᵀ and the
+    eigendecomposition costs D³ instead of T³ (2048 × 512: 0.73 s → 0.02 s on two cores)."""
+    t, d = w1.shape
+    if k > min(t, d):
+        raise ValueError(f"k must be <= min(T, D) = {min(t, d)}, got {k}")
+    if t <= d:
+        return top_eigh(sigma_matmul(w1, sigma) @ w1.T, k)
+    q, r = torch.linalg.qr(w1)
+    vals, v = top_eigh(sigma_matmul(r, sigma) @ r.T, k)
+    u = q @ v
+    idx = u.abs().argmax(dim=0)
+    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    return vals, u * signs
 
 
 def orthonormal_columns(x: Tensor) -> Tensor:

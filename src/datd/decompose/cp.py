@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import DTYPE, InputFactorSolver, as_matrix, prepare_sigma, relative_error, sigma_matmul
+from ._linalg import (
+    DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, prepare_sigma, relative_error, sigma_matmul,
+)
 from .base import Decomposition, khatri_rao
 from .svd import DEFAULT_SIGMA_REG
 
@@ -82,6 +84,7 @@ def cp(
         raise ValueError(f"rank must be >= 1, got {rank}")
     s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
     w_sigma = sigma_matmul(w1, s)
+    norm_sq = (w_sigma * w1).sum()  # ‖W₁‖²_Σ
     solver = InputFactorSolver(s, n_in, n_pos)
     w4 = w1.reshape(n_out, n_in, kh, kw)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -98,10 +101,15 @@ def cp(
             raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
         return factor / torch.linalg.vector_norm(factor, dim=0)
 
-    def out_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    def out_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, float]:
+        """The new A and the relative error with it (expanded through the normal equations' K Σ Kᵀ and W Σ Kᵀ)."""
         k = khatri_rao(b, c, d)
         k_sigma = sigma_matmul(k.T, s)  # (R, S·P)
-        return _damped_solve(k_sigma @ k, w1 @ k_sigma.T, a, damping)
+        gram, rhs = k_sigma @ k, w1 @ k_sigma.T
+        a = _damped_solve(gram, rhs, a, damping)
+        err = expanded_relative_error(norm_sq, (a * rhs).sum(), ((a @ gram) * a).sum(),
+                                      lambda: relative_error(w1, a @ k.T, s))
+        return a, err
 
     def in_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
         # Replace A by its triangular factor (A = Q R_A) when T > R: same normal equations, smaller m.
@@ -139,12 +147,9 @@ def cp(
         norms = torch.linalg.vector_norm(x, dim=0).clamp_min(torch.finfo(DTYPE).tiny)
         return x / norms, a * norms
 
-    def error(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> float:
-        return relative_error(w1, a @ khatri_rao(b, c, d).T, s)
-
     b, c, d = initial(1), initial(2), initial(3)
-    a = out_step(torch.zeros(n_out, rank, dtype=DTYPE, device=w1.device), b, c, d)
-    history = [error(a, b, c, d)]
+    a, err = out_step(torch.zeros(n_out, rank, dtype=DTYPE, device=w1.device), b, c, d)
+    history = [err]
     best = (a, b, c, d)
     for _ in range(max_iter):
         if history[-1] < 1e-13:
@@ -152,8 +157,7 @@ def cp(
         b, a = normalized(in_step(a, b, c, d), a)
         c, a = normalized(spatial_step(a, b, c, d, w1, s), a)
         d, a = normalized(spatial_step(a, b, d, c, *transposed), a)
-        a = out_step(a, b, c, d)
-        err = error(a, b, c, d)
+        a, err = out_step(a, b, c, d)
         if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate
             break
         history.append(err)
@@ -166,11 +170,11 @@ def cp(
 
 def sweep_macs(shape: tuple[int, ...], rank: int, cg_iter: int = 5) -> float:
     """Multiply-adds of one sweep of ``cp`` for a weight of ``shape`` (T, S, kh, kw) at ``rank`` (leading terms:
-    the input factor's CG applies through Σ, the two spatial systems, the output step, the error)."""
+    the input factor's CG applies through Σ, the two spatial systems, the output step, which also gives the error)."""
     n_out, n_in = shape[0], shape[1]
     kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
     dim, m = n_in * kh * kw, min(n_out, rank)
     inputs = (cg_iter + 1) * (m * dim * dim + 2 * m * n_in * rank * kh * kw) + m * rank**2 * kh * kw
     spatial = sum(dim * dim * rank + rank**2 * dim * k + (k * rank) ** 3 / 3 for k in (kh, kw))
-    return inputs + spatial + rank * dim * dim + rank**2 * dim + rank**3 / 3 + n_out * dim * dim + n_out * dim * rank
+    return inputs + spatial + rank * dim * dim + rank**2 * dim + rank**3 / 3 + n_out * dim * rank
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from ._linalg import as_matrix, prepare_sigma, relative_error, sigma_matmul, top_eigh
+from ._linalg import as_matrix, gram_top_eigh, prepare_sigma, relative_error
 from .base import Decomposition
 
 DEFAULT_SIGMA_REG = 1e-6
@@ -40,8 +41,8 @@ def spectrum(weight: Tensor, sigma: Tensor | None = None, *, sigma_reg: float = 
     entries R, R+1, …; cheap error-versus-rank curves for planning."""
     w1, _ = as_matrix(weight)
     s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
-    vals, _ = top_eigh(sigma_matmul(w1, s) @ w1.T, w1.shape[0])
-    return vals.clamp_min(0)
+    vals, _ = gram_top_eigh(w1, s, min(w1.shape))
+    return torch.cat([vals.clamp_min(0), vals.new_zeros(w1.shape[0] - vals.shape[0])])  # rank ≤ D: the rest are 0
 
 
 def svd(weight: Tensor, sigma: Tensor | None = None, rank: int = 1, *, sigma_reg: float = DEFAULT_SIGMA_REG) -> LowRank:
@@ -50,7 +51,7 @@ def svd(weight: Tensor, sigma: Tensor | None = None, rank: int = 1, *, sigma_reg
     if not 1 <= rank <= min(w1.shape):
         raise ValueError(f"rank must be in [1, {min(w1.shape)}] for a {tuple(weight.shape)} weight, got {rank}")
     s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
-    _, u = top_eigh(sigma_matmul(w1, s) @ w1.T, rank)
+    _, u = gram_top_eigh(w1, s, rank)
     in_factor = u.T @ w1
     approx = u @ in_factor
     in_shape = (rank,) + tuple(weight.shape[1:])

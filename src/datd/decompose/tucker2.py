@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ._linalg import (
-    DTYPE, InputFactorSolver, as_matrix, orthonormal_columns, prepare_sigma, relative_error, sigma_matmul, top_eigh,
+    DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, orthonormal_columns, prepare_sigma, relative_error,
+    sigma_matmul, top_eigh,
 )
 from .base import Decomposition
 from .svd import DEFAULT_SIGMA_REG
@@ -72,7 +73,11 @@ def tucker2(
     w_sigma = sigma_matmul(w1, s)
     solver = InputFactorSolver(s, n_in, n_pos)
 
-    def core_step(u_s: Tensor) -> tuple[Tensor, Tensor]:
+    norm_sq = (w_sigma * w1).sum()  # ‖W₁‖²_Σ
+
+    def core_step(u_s: Tensor) -> tuple[Tensor, Tensor, float]:
+        """The new (U_T, G) and the relative error with them: with W̃₁ = U_T G₁ Qᵀ (U_T orthonormal),
+        tr(W̃₁ Σ W₁ᵀ) = ⟨U_T G₁, W₁ Σ Q⟩ and ‖W̃₁‖²_Σ = ‖G₁ K‖² for Qᵀ Σ Q = K Kᵀ."""
         c = torch.einsum("tsp,sb->tbp", w_sigma.reshape(n_out, n_in, n_pos), u_s).reshape(n_out, -1)
         if s is None:
             chol = torch.eye(r_in * n_pos, dtype=DTYPE, device=w1.device)
@@ -83,7 +88,9 @@ def tucker2(
         z = torch.linalg.solve_triangular(chol, c.T, upper=False).T
         _, u_t = top_eigh(z @ z.T, r_out)
         g = torch.linalg.solve_triangular(chol.T, (u_t.T @ z).T, upper=True).T
-        return u_t, g.reshape(r_out, r_in, n_pos)
+        err = expanded_relative_error(norm_sq, ((u_t @ g) * c).sum(), ((g @ chol) ** 2).sum(),
+                                      lambda: error(u_t, g.reshape(r_out, r_in, n_pos), u_s))
+        return u_t, g.reshape(r_out, r_in, n_pos), err
 
     def error(u_t: Tensor, g: Tensor, u_s: Tensor) -> float:
         return relative_error(w1, torch.einsum("ta,abp,sb->tsp", u_t, g, u_s).reshape(n_out, -1), s)
@@ -96,15 +103,15 @@ def tucker2(
         u_s = orthonormal_columns(torch.randn(n_in, r_in, generator=gen, dtype=DTYPE).to(w1.device))
     else:
         raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
-    u_t, g = core_step(u_s)
-    history = [error(u_t, g, u_s)]
+    u_t, g, err = core_step(u_s)
+    history = [err]
     for _ in range(max_iter):
         if history[-1] < 1e-13:
             break
         u_s = solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter)
         u_s = orthonormal_columns(u_s)
-        u_t, g = core_step(u_s)
-        history.append(error(u_t, g, u_s))
+        u_t, g, err = core_step(u_s)
+        history.append(err)
         if history[-2] - history[-1] <= tol * history[-2]:
             break
     core_shape = (r_out, r_in) + tuple(weight.shape[2:])
@@ -113,11 +120,12 @@ def tucker2(
 
 def sweep_macs(shape: tuple[int, ...], ranks: tuple[int, int], cg_iter: int = 5) -> float:
     """Multiply-adds of one sweep of ``tucker2`` for a weight of ``shape`` (T, S, kh, kw) at ``ranks`` (leading
-    terms: the CG applies through Σ, the projected Σ of the core step, its factorization, the error)."""
+    terms: the CG applies through Σ, the projected Σ of the core step, its factorization; the error comes from the
+    core step's products)."""
     n_out, n_in = shape[0], shape[1]
     n_pos = shape[2] * shape[3] if len(shape) == 4 else 1
     r_out, r_in = ranks
     dim, core = n_in * n_pos, r_in * n_pos
     return ((cg_iter + 1) * (r_out * dim * dim + 2 * r_out * dim * r_in) + dim * dim * r_in + dim * n_pos * r_in**2
-            + core**3 / 3 + n_out * dim * r_in + n_out * core**2 + n_out * dim * dim)
+            + core**3 / 3 + n_out * dim * r_in + n_out * core**2)
 
