@@ -109,14 +109,21 @@ def run_compress(cases: list[tuple]) -> list[dict]:
         loaded, batches = _batches(model_name, weights, data, images, batch)
         model = loaded.model.eval()
         _forward(model, batches[:1])
-        start = time.perf_counter()
-        _forward(model, batches)
-        forward = time.perf_counter() - start
+
+        def forward_pass() -> float:
+            start = time.perf_counter()
+            _forward(model, batches)
+            return time.perf_counter() - start
+
+        before = forward_pass()
         start = time.perf_counter()
         _, report = datd.compress(model, batches, target=target, progress=False, measure_latency=False)
         seconds = time.perf_counter() - start
+        after = forward_pass()  # the machine's speed drifts over a run of minutes: the ratio uses both
+        forward = (before + after) / 2
         rows.append({"section": "compress", "model": model_name, "images": images, "batch": batch, "target": target,
-                     "forward_seconds": forward, "compress_seconds": seconds, "ratio": seconds / forward,
+                     "forward_seconds": forward, "forward_before_after": [before, after],
+                     "compress_seconds": seconds, "ratio": seconds / forward,
                      "timings": report["timings"], "params_ratio": report["params_ratio"],
                      "macs_ratio": report["macs_ratio"],
                      "methods": sorted({l.get("method") for l in report["layers"] if l.get("method")})})
@@ -160,14 +167,17 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
     lines = ["## Speed: compress end to end (`benchmarks/speed.py --sections compress`)", "",
              "`datd.compress` with the default method and ranks (auto), probes on, latency not measured, from "
              "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
-             "run. Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
+             "run just before and just after the compress (the mean; both in parentheses where they differ by more "
+             "than 10 %: this machine's speed drifts). Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
              "ResNet-56 default under 90 s (evaluation excluded: none is run here).", "",
              "| model | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
              "params | MACs |",
              "|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
     for r in rows:
         cells = " | ".join(f"{r['timings'][s]:.0f}" if s in r['timings'] else "—" for s in stages)
-        lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f} | {cells} | "
+        pair = r.get("forward_before_after")
+        drift = f" ({pair[0]:.1f} / {pair[1]:.1f})" if pair and max(pair) > 1.1 * min(pair) else ""
+        lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f}{drift} | {cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
                      f"{r['macs_ratio']:.3f} |")
     return "\n".join(lines + [""] + _provenance(rows, env))
