@@ -80,11 +80,15 @@ def top_eigh(m: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs of a symmetric matrix, eigenvalues descending, eigenvector signs fixed
     (largest-magnitude entry positive) so that results are deterministic."""
     vals, vecs = torch.linalg.eigh(0.5 * (m + m.T))
-    vals, vecs = vals.flip(0)[:k], vecs.flip(1)[:, :k]
+    return vals.flip(0)[:k], _fixed_signs(vecs.flip(1)[:, :k])
+
+
+def _fixed_signs(vecs: Tensor) -> Tensor:
+    """Columns with their largest-magnitude entry made positive."""
     idx = vecs.abs().argmax(dim=0)
     signs = torch.sign(vecs[idx, torch.arange(vecs.shape[1])])
     signs[signs == 0] = 1
-    return vals, vecs * signs
+    return vecs * signs
 
 
 def gram_top_eigh(w1: Tensor, sigma: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -100,11 +104,7 @@ def gram_top_eigh(w1: Tensor, sigma: Tensor | None, k: int) -> tuple[Tensor, Ten
         return top_eigh(sigma_matmul(w1, sigma) @ w1.T, k)
     q, r = torch.linalg.qr(w1)
     vals, v = top_eigh(sigma_matmul(r, sigma) @ r.T, k)
-    u = q @ v
-    idx = u.abs().argmax(dim=0)
-    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
-    signs[signs == 0] = 1
-    return vals, u * signs
+    return vals, _fixed_signs(q @ v)
 
 
 def orthonormal_columns(x: Tensor) -> Tensor:
