@@ -53,10 +53,9 @@ class _Graph:
         self.module = fx.symbolic_trace(model)
         self.nodes = list(self.module.graph.nodes)
         index = {n: i for i, n in enumerate(self.nodes)}
-        self.last_use = [max((index[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)]
-        self.dead: list[list[fx.Node]] = [[] for _ in self.nodes]
+        self.dead: list[list[fx.Node]] = [[] for _ in self.nodes]  # per node: the values last used there
         for i, n in enumerate(self.nodes):
-            self.dead[self.last_use[i]].append(n)
+            self.dead[max((index[u] for u in n.users), default=i)].append(n)
         calls = Counter(n.target for n in self.nodes if n.op == "call_module")
         self.start = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module" and calls[n.target] == 1}
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
@@ -126,7 +125,10 @@ class DamageProbe:
 
     def _log_probs(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            out = self.model(x.to(self.device))
+            return self._log_softmax(self.model(x.to(self.device)))
+
+    @staticmethod
+    def _log_softmax(out: Tensor) -> Tensor:
         return torch.log_softmax(out.double().flatten(1), dim=1)
 
     def __call__(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> float:
@@ -137,13 +139,16 @@ class DamageProbe:
     def lower_bound(self, module: nn.Module, weight: Tensor, bias: Tensor | None, z: float = 2.0) -> float:
         """The mean KL less ``z`` standard errors of the mean over the probe images (≥ 0): what the probe
         images show beyond their own sampling noise."""
-        mean, error = self.measure(module, weight, bias)
-        return max(mean - z * error, 0.0)
+        return self._bound(*self.measure(module, weight, bias), z)
 
     def lower_bounds(self, replacements: Sequence[Replacement], z: float = 2.0) -> list[float]:
         """``lower_bound`` of each (module, weight, bias) of ``replacements``, probed together (see the module
         docstring: one pass through the model's shared beginning per batch)."""
-        return [max(mean - z * error, 0.0) for mean, error in self.measure_many(replacements)]
+        return [self._bound(mean, error, z) for mean, error in self.measure_many(replacements)]
+
+    @staticmethod
+    def _bound(mean: float, error: float, z: float) -> float:
+        return max(mean - z * error, 0.0)
 
     def measure(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[float, float]:
         """(mean KL, standard error of that mean over the probe images) with ``module`` replaced."""
@@ -182,7 +187,7 @@ class DamageProbe:
                     def branch(i: int, env: dict, x=x, log_p=log_p) -> None:
                         for k in at.get(i, ()):
                             out_k = graph.run(x, env, i, (replacements[k][0], *ready[k]))
-                            per_image[k].append(self._kl(log_p, torch.log_softmax(out_k.double().flatten(1), dim=1)))
+                            per_image[k].append(self._kl(log_p, self._log_softmax(out_k)))
 
                     graph.run(x, visit=branch)
             for k, parts in per_image.items():
@@ -190,14 +195,14 @@ class DamageProbe:
         return out  # type: ignore[return-value]
 
     def _traced(self) -> _Graph | None:
-        """The traced model, if it traces and reproduces the model's outputs exactly (checked on the first
-        probe batch); None otherwise (with a warning: probes then cost a full pass each)."""
+        """The traced model, if it traces and reproduces the model's predictions exactly (checked against the
+        reference of the first probe batch); None otherwise (with a warning: probes then cost a full pass each)."""
         if self._graph is False:
             try:
                 graph = _Graph(self.model)
                 with torch.no_grad():
-                    x = self.inputs[0].to(self.device)
-                    same = torch.equal(graph.run(x), self.model(x))
+                    traced = self._log_softmax(graph.run(self.inputs[0].to(self.device)))
+                same = torch.equal(traced, self.reference[0])
                 self._graph = graph if same else None
                 reason = "its traced graph computes other outputs"
             except Exception as exc:  # noqa: BLE001 - any model fx cannot trace: the full passes still work
