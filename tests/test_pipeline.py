@@ -118,6 +118,20 @@ def test_plan_roundtrip_and_save_load(setup, tmp_path):
         datd.load(tmp_path / "model", nn.Sequential(nn.Linear(3, 3)))
 
 
+@pytest.mark.parametrize("method", ["tucker2", "cp"])
+def test_final_fits_continued_from_planning_fits_are_fresh_fits(setup, tmp_path, method):
+    """A final fit goes on from its planning fit (``_fit_cached``); the same plan replayed from a file (no planning
+    fits to start from) gives the same model, bit for bit."""
+    model, calib, _ = setup
+    compressed, report = datd.compress(model, calib, target="params=0.5", method=method, **FAST)
+    entries = [l for l in report["layers"] if l.get("method") == method]
+    assert entries and any(l["sweeps"] > FAST["candidate_iter"] for l in entries)
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(report["plan"]))
+    replayed, _ = datd.compress(model, calib, ranks=str(tmp_path / "plan.json"), method=method, **FAST)
+    state, again = compressed.state_dict(), replayed.state_dict()
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)
+
+
 def test_bad_input_is_refused(setup, tmp_path):
     model, calib, _ = setup
     with pytest.raises(ValueError, match="impossible budget"):

@@ -17,6 +17,7 @@ error). Statistics without Σ̄ give the position-independent form ½ Σ_c f_c [
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -118,6 +119,12 @@ class FitSettings:
     seed: int = 0
     budget: float | None = None
 
+    def continues(self, earlier: "FitSettings") -> bool:
+        """Whether a fit with these settings may go on from one with ``earlier``: the same problem and start, at
+        most its ``tol`` (so ``earlier`` stopped no later than this fit would have; ``fit`` checks the sweeps)."""
+        return dataclasses.replace(earlier, max_iter=self.max_iter, tol=self.tol, budget=self.budget) == self \
+            and self.tol <= earlier.tol
+
 
 def sweeps(method: str, shape: tuple[int, ...], ranks: tuple[int, ...], settings: FitSettings) -> int:
     """The sweeps a fit of ``method`` at ``ranks`` gets for a weight (one group's) of ``shape``: ``max_iter``, or
@@ -128,20 +135,27 @@ def sweeps(method: str, shape: tuple[int, ...], ranks: tuple[int, ...], settings
     return min(settings.max_iter, int(settings.budget // per_sweep))
 
 
-def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
+def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings,
+        start: Decomposition | None = None) -> Decomposition:
     """Decompose ``problem.weight`` with ``method`` at ``ranks`` (per group for a grouped conv) in the
-    configured norm."""
+    configured norm. ``start``: an iterative fit of the same problem, method and ranks with settings that
+    ``settings`` continue (``FitSettings.continues``), to go on from instead of starting afresh: the result is
+    the same, bit for bit, for less work."""
     if problem.groups > 1:
-        return Grouped([fit(problem.group(g), method, ranks, settings) for g in range(problem.groups)])
+        parts = start.parts if isinstance(start, Grouped) else [None] * problem.groups
+        return Grouped([fit(problem.group(g), method, ranks, settings, part) for g, part in enumerate(parts)])
     sigma = problem.fit_moment(settings.norm, settings.bias_correction)
     w, reg = problem.weight.detach(), settings.sigma_reg
     if method == "svd":
         return svd(w, sigma, ranks[0], sigma_reg=reg)
     n_sweeps = sweeps(method, tuple(w.shape), tuple(ranks), settings)
+    if start is not None and len(start.history) - 1 > n_sweeps:
+        start = None  # it ran more sweeps than these settings pay for
     if method == "tucker2":
-        return tucker2(w, sigma, tuple(ranks), max_iter=n_sweeps, tol=settings.tol, sigma_reg=reg)
+        return tucker2(w, sigma, tuple(ranks), max_iter=n_sweeps, tol=settings.tol, sigma_reg=reg, start=start)
     if method == "cp":
-        return cp(w, sigma, ranks[0], max_iter=n_sweeps, tol=settings.tol, seed=settings.seed, sigma_reg=reg)
+        return cp(w, sigma, ranks[0], max_iter=n_sweeps, tol=settings.tol, seed=settings.seed, sigma_reg=reg,
+                  start=start)
     raise ValueError(f"unknown method {method!r}")
 
 

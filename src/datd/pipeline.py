@@ -699,9 +699,13 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
 
 
 def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
+    """The layer's fit at these settings; a new one goes on from a cached fit that they continue (a final fit from
+    its planning fit: the same result as a fresh fit, without redoing the planning fit's sweeps)."""
     key = (method, tuple(ranks), settings)
     if key not in layer.fits:
-        layer.fits[key] = fit(layer.problem, method, ranks, settings)
+        earlier = [d for (m, r, s), d in layer.fits.items() if (m, r) == key[:2] and settings.continues(s)]
+        start = max(earlier, key=lambda d: len(d.history), default=None)
+        layer.fits[key] = fit(layer.problem, method, ranks, settings, start)
     return layer.fits[key]
 
 

@@ -105,8 +105,8 @@ def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tupl
         m = max(n_out, n_in)
         candidates = sorted({(_round_up(math.ceil(i * n_out / m), multiple, n_out),
                               _round_up(math.ceil(i * n_in / m), multiple, n_in)) for i in range(1, m + 1)})
-    else:
-        candidates = [(r,) for r in range(multiple, max_ranks(method, geometry)[0] + 1, multiple)]
+    else:  # lazily: a CP rank bound is T·S·kh·kw, far beyond the ranks that make a layer smaller
+        candidates = ((r,) for r in range(multiple, max_ranks(method, geometry)[0] + 1, multiple))
     ladder = []
     for ranks in candidates:
         cost = factorized_cost(method, geometry, ranks)
@@ -201,12 +201,13 @@ def allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict
 def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]], left: int, metric: str) -> dict[str, Option]:
     """Upgrade layers (to any option, on the hull or not) while the budget allows, the largest damage
     reduction per unit of cost first."""
+    table = {name: [(metric_of(o.cost, metric), o.damage, o) for o in opts] for name, opts in options.items()}
     while True:
         best, best_rate = None, 0.0
         for name, current in chosen.items():
-            for o in options[name]:
-                extra = metric_of(o.cost, metric) - metric_of(current.cost, metric)
-                gain = current.damage - o.damage
+            cost = metric_of(current.cost, metric)
+            for c, damage, o in table[name]:
+                extra, gain = c - cost, current.damage - damage
                 if extra <= left and gain > 0 and gain / max(extra, 1) > best_rate:
                     best, best_rate = (name, o, extra), gain / max(extra, 1)
         if best is None:

@@ -42,6 +42,19 @@ class Decomposition:
         return (self.shape[0], self.shape[1], 1, 1) if len(self.shape) == 2 else tuple(self.shape)  # type: ignore[return-value]
 
 
+def converged(history: list[float], tol: float) -> bool:
+    """Whether an iterative fit with this error ``history`` stops: exact to round-off, or its last sweep lowered the
+    error by at most ``tol`` of the error before it."""
+    return history[-1] < 1e-13 or (len(history) > 1 and history[-2] - history[-1] <= tol * history[-2])
+
+
+def check_start(start: Decomposition, shape: tuple[int, ...], ranks: tuple[int, ...]) -> None:
+    """Refuse to continue a fit of another weight shape or rank."""
+    if tuple(start.shape) != tuple(shape) or tuple(start.ranks) != tuple(ranks):
+        raise ValueError(f"cannot continue a {start.method} fit of shape {tuple(start.shape)} at ranks "
+                         f"{tuple(start.ranks)} as one of shape {tuple(shape)} at ranks {tuple(ranks)}")
+
+
 class Grouped(Decomposition):
     """The decompositions of the G groups of a grouped convolution (same method and ranks in each), whose
     weight is their concatenation over output channels. ``history`` is the worst group's relative error after

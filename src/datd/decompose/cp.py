@@ -24,7 +24,7 @@ from torch import Tensor
 from ._linalg import (
     DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, prepare_sigma, relative_error, sigma_matmul,
 )
-from .base import Decomposition, khatri_rao
+from .base import Decomposition, check_start, converged, khatri_rao
 from .svd import DEFAULT_SIGMA_REG
 
 
@@ -73,11 +73,14 @@ def cp(
     cg_iter: int = 5,
     cg_tol: float = 1e-3,
     sigma_reg: float = DEFAULT_SIGMA_REG,
+    start: CP | None = None,
 ) -> CP:
     """Rank-``rank`` CP fit of ``weight`` ((T, S, kh, kw) or (T, S)) in the Σ-norm (Frobenius if
     sigma=None). Stops when a sweep lowers the relative error by less than ``tol`` (relative) or after
     ``max_iter`` sweeps. ``init``: 'svd' (leading singular vectors of each unfolding, seeded random
-    columns beyond the mode size) or 'random' (seeded)."""
+    columns beyond the mode size) or 'random' (seeded). ``start``: a fit of this weight at this rank with the same
+    Σ and settings to continue (its sweeps count towards ``max_iter``): each sweep is a function of the factors
+    alone, so this gives the fit a run with the larger ``max_iter`` (and a ``tol`` no larger) would have given."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
     if rank < 1:
@@ -118,28 +121,33 @@ def cp(
         f = r_a[:, :, None] * khatri_rao(c, d).T[None, :, :]  # (m, R, P)
         return solver.solve(f, y_sigma, b, damping=damping, tol=cg_tol, max_iter=cg_iter)
 
-    # The spatial steps see the kernel axis they solve for as axis "k" of rows (s, k, j): the vertical step
-    # uses W and Σ as they are, the horizontal one their kernel-transposed views.
-    transposed = (
-        w4.transpose(2, 3).reshape(n_out, -1),
-        None if s is None else s.reshape(n_in, kh, kw, n_in, kh, kw).permute(0, 2, 1, 3, 5, 4).reshape(s.shape),
-    )
+    # The spatial steps see W's columns and Σ's rows and columns reordered to (k, s, j), the kernel axis they solve
+    # for first (vertical: k = kernel row, j = column; horizontal: the other way round), so that every product
+    # below is one plain (batched) matrix product without copies.
+    def reordered(axes: tuple[int, int, int]) -> tuple[Tensor, Tensor | None]:
+        w_k = w4.permute(0, *(1 + a for a in axes)).reshape(n_out, -1)
+        if s is None:
+            return w_k, None
+        s6 = s.reshape(n_in, kh, kw, n_in, kh, kw)
+        return w_k, s6.permute(*axes, *(3 + a for a in axes)).reshape(s.shape)
 
-    def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_rows: Tensor, sigma: Tensor | None) -> Tensor:
-        """New spatial factor (n_k, R) of the model W̃[t, s, k, j] = Σ_r a[t,r] b[s,r] unknown[k,r] other[j,r]."""
+    vertical, horizontal = reordered((1, 0, 2)), reordered((2, 0, 1))
+
+    def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_k: Tensor, sigma_k: Tensor | None) -> Tensor:
+        """New spatial factor (n_k, R) of the model W̃[t, s, k, j] = Σ_r a[t,r] b[s,r] unknown[k,r] other[j,r], from
+        W and Σ in (k, s, j) order (``reordered``)."""
         n_k, n_j = unknown.shape[0], other.shape[0]
-        # N = Σ Z with Z[(s, k, j), (l, r)] = b[s, r] δ_kl other[j, r] (the model is Z · vec(unknown)).
-        b_other = khatri_rao(b, other)  # (S·n_j, R)
-        if sigma is None:
-            eye = torch.eye(n_k, dtype=DTYPE, device=w1.device)
-            n = torch.einsum("sjr,kl->skjlr", b_other.reshape(n_in, n_j, rank), eye).reshape(-1, n_k, rank)
+        # The model is Z · vec(unknown) with Z[(k, s, j), (l, r)] = δ_kl b[s, r] other[j, r]; N = Σ Z.
+        b_other = khatri_rao(b, other)  # (S·n_j, R), rows (s, j)
+        y = n_in * n_j
+        if sigma_k is None:
+            n = torch.einsum("kl,yq->kylq", torch.eye(n_k, dtype=DTYPE, device=w1.device), b_other)
         else:
-            sig4 = sigma.reshape(-1, n_in, n_k, n_j)
-            n = torch.stack([sig4[:, :, k, :].reshape(sig4.shape[0], -1) @ b_other for k in range(n_k)], dim=1)
-        # Zᵀ Σ Z, contracting b first (a matmul), then other; times AᵀA per rank pair.
-        tmp = (b.T @ n.reshape(n_in, -1)).reshape(rank, n_k, n_j, n_k, rank)
-        gram = torch.einsum("jr,rkjlq->krlq", other, tmp) * (a.T @ a)[None, :, None, :]
-        rhs = torch.einsum("rx,xkr->kr", a.T @ w_rows, n)
+            n = (sigma_k.reshape(-1, y) @ b_other).reshape(n_k, y, n_k, rank)  # N[(k, y), (l, q)]
+        # Zᵀ Σ Z [(k, r), (l, q)] = Σ_y b_other[y, r] N[(k, y), (l, q)], times AᵀA per rank pair.
+        gram = torch.matmul(b_other.T, n.reshape(n_k, y, n_k * rank)).reshape(n_k, rank, n_k, rank)
+        gram = gram * (a.T @ a)[None, :, None, :]
+        rhs = (n.reshape(n_k * y, n_k, rank) * (a.T @ w_k).T[:, None, :]).sum(0)  # Σ_x (AᵀW)[q, x] N[x, (l, q)]
         flat = gram.reshape(n_k * rank, n_k * rank)
         return _damped_solve(flat, rhs.reshape(1, -1), unknown.reshape(1, -1), damping).reshape(n_k, rank)
 
@@ -147,23 +155,25 @@ def cp(
         norms = torch.linalg.vector_norm(x, dim=0).clamp_min(torch.finfo(DTYPE).tiny)
         return x / norms, a * norms
 
-    b, c, d = initial(1), initial(2), initial(3)
-    a, err = out_step(torch.zeros(n_out, rank, dtype=DTYPE, device=w1.device), b, c, d)
-    history = [err]
+    if start is not None:
+        check_start(start, weight.shape, (rank,))
+        a, b, c, d, history = start.out_factor, start.in_factor, start.vertical, start.horizontal, list(start.history)
+    else:
+        b, c, d = initial(1), initial(2), initial(3)
+        a, err = out_step(torch.zeros(n_out, rank, dtype=DTYPE, device=w1.device), b, c, d)
+        history = [err]
     best = (a, b, c, d)
-    for _ in range(max_iter):
-        if history[-1] < 1e-13:
+    for _ in range(max_iter - (len(history) - 1)):
+        if converged(history, tol):
             break
         b, a = normalized(in_step(a, b, c, d), a)
-        c, a = normalized(spatial_step(a, b, c, d, w1, s), a)
-        d, a = normalized(spatial_step(a, b, d, c, *transposed), a)
+        c, a = normalized(spatial_step(a, b, c, d, *vertical), a)
+        d, a = normalized(spatial_step(a, b, d, c, *horizontal), a)
         a, err = out_step(a, b, c, d)
         if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate
             break
         history.append(err)
         best = (a, b, c, d)
-        if history[-2] - history[-1] <= tol * history[-2]:
-            break
     a, b, c, d = best
     return CP(tuple(weight.shape), out_factor=a, in_factor=b, vertical=c, horizontal=d, history=history)
 

@@ -23,7 +23,7 @@ from ._linalg import (
     DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, orthonormal_columns, prepare_sigma, relative_error,
     sigma_matmul, top_eigh,
 )
-from .base import Decomposition
+from .base import Decomposition, check_start, converged
 from .svd import DEFAULT_SIGMA_REG
 
 
@@ -59,11 +59,12 @@ def tucker2(
     cg_iter: int = 5,
     cg_tol: float = 1e-3,
     sigma_reg: float = DEFAULT_SIGMA_REG,
+    start: Tucker2 | None = None,
 ) -> Tucker2:
     """Tucker-2 fit of ``weight`` ((T, S, kh, kw) or (T, S)) with ``ranks`` = (R_T, R_S) in the Σ-norm
     (Frobenius if sigma=None). Stops when a sweep lowers the relative error by less than ``tol``
     (relative) or after ``max_iter`` sweeps. ``init``: 'hosvd' (top singular vectors of the mode-2
-    unfolding; deterministic) or 'random' (seeded)."""
+    unfolding; deterministic) or 'random' (seeded). ``start``: a fit to continue, as for ``cp``."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     r_out, r_in = ranks
     n_pos = kh * kw
@@ -74,16 +75,20 @@ def tucker2(
     solver = InputFactorSolver(s, n_in, n_pos)
 
     norm_sq = (w_sigma * w1).sum()  # ‖W₁‖²_Σ
+    # WΣ and Σ with the kernel position moved next to the row ((t, p), s) / ((x, p), s), once per fit, so that the
+    # core step contracts the input channel s with U_S in one plain matrix product each.
+    wsigma_by_pos = w_sigma.reshape(n_out, n_in, n_pos).transpose(1, 2).reshape(-1, n_in)
+    sigma_by_pos = None if s is None else s.reshape(-1, n_in, n_pos).transpose(1, 2).reshape(-1, n_in)
 
     def core_step(u_s: Tensor) -> tuple[Tensor, Tensor, float]:
-        """The new (U_T, G) and the relative error with them: with W̃₁ = U_T G₁ Qᵀ (U_T orthonormal),
+        """The new (U_T, G) and the relative error with them: with W̃₁ = U_T G₁ Qᵀ (U_T orthonormal, Q = U_S ⊗ I_P),
         tr(W̃₁ Σ W₁ᵀ) = ⟨U_T G₁, W₁ Σ Q⟩ and ‖W̃₁‖²_Σ = ‖G₁ K‖² for Qᵀ Σ Q = K Kᵀ."""
-        c = torch.einsum("tsp,sb->tbp", w_sigma.reshape(n_out, n_in, n_pos), u_s).reshape(n_out, -1)
-        if s is None:
+        c = (wsigma_by_pos @ u_s).reshape(n_out, n_pos, r_in).transpose(1, 2).reshape(n_out, -1)  # W Σ Q: [t, (b, p)]
+        if sigma_by_pos is None:
             chol = torch.eye(r_in * n_pos, dtype=DTYPE, device=w1.device)
         else:
-            sq = torch.einsum("xsp,sb->xbp", s.reshape(-1, n_in, n_pos), u_s)
-            gram = torch.einsum("sqbp,sa->aqbp", sq.reshape(n_in, n_pos, r_in, n_pos), u_s)
+            sq = (sigma_by_pos @ u_s).reshape(n_in, -1)  # Σ Q: [s, (q, p, b)] for rows x = (s, q)
+            gram = (u_s.T @ sq).reshape(r_in, n_pos, n_pos, r_in).transpose(2, 3)  # Qᵀ Σ Q: [a, q, b, p]
             chol = torch.linalg.cholesky(gram.reshape(r_in * n_pos, r_in * n_pos))
         z = torch.linalg.solve_triangular(chol, c.T, upper=False).T
         _, u_t = top_eigh(z @ z.T, r_out)
@@ -95,7 +100,11 @@ def tucker2(
     def error(u_t: Tensor, g: Tensor, u_s: Tensor) -> float:
         return relative_error(w1, torch.einsum("ta,abp,sb->tsp", u_t, g, u_s).reshape(n_out, -1), s)
 
-    if init == "hosvd":
+    if start is not None:
+        check_start(start, weight.shape, tuple(ranks))
+        u_t, g, u_s = start.out_factor, start.core.reshape(r_out, r_in, n_pos), start.in_factor
+        history = list(start.history)
+    elif init == "hosvd":
         mode2 = w1.reshape(n_out, n_in, n_pos).permute(1, 0, 2).reshape(n_in, -1)
         _, u_s = top_eigh(mode2 @ mode2.T, r_in)
     elif init == "random":
@@ -103,17 +112,16 @@ def tucker2(
         u_s = orthonormal_columns(torch.randn(n_in, r_in, generator=gen, dtype=DTYPE).to(w1.device))
     else:
         raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
-    u_t, g, err = core_step(u_s)
-    history = [err]
-    for _ in range(max_iter):
-        if history[-1] < 1e-13:
+    if start is None:
+        u_t, g, err = core_step(u_s)
+        history = [err]
+    for _ in range(max_iter - (len(history) - 1)):
+        if converged(history, tol):
             break
         u_s = solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter)
         u_s = orthonormal_columns(u_s)
         u_t, g, err = core_step(u_s)
         history.append(err)
-        if history[-2] - history[-1] <= tol * history[-2]:
-            break
     core_shape = (r_out, r_in) + tuple(weight.shape[2:])
     return Tucker2(tuple(weight.shape), out_factor=u_t, core=g.reshape(core_shape), in_factor=u_s, history=history)
 
