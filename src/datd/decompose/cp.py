@@ -104,10 +104,11 @@ def cp(
             raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
         return factor / torch.linalg.vector_norm(factor, dim=0)
 
-    def out_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, float]:
-        """The new A and the relative error with it (expanded through the normal equations' K Σ Kᵀ and W Σ Kᵀ)."""
+    def out_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor, sigma_k: Tensor | None = None) -> tuple[Tensor, float]:
+        """The new A and the relative error with it (expanded through the normal equations' K Σ Kᵀ and W Σ Kᵀ);
+        ``sigma_k``: Σ K (S·P, R) when the horizontal step has formed it."""
         k = khatri_rao(b, c, d)
-        k_sigma = sigma_matmul(k.T, s)  # (R, S·P)
+        k_sigma = sigma_matmul(k.T, s) if sigma_k is None else sigma_k.T  # (R, S·P)
         gram, rhs = k_sigma @ k, w1 @ k_sigma.T
         a = _damped_solve(gram, rhs, a, damping)
         err = expanded_relative_error(norm_sq, (a * rhs).sum(), ((a @ gram) * a).sum(),
@@ -133,9 +134,11 @@ def cp(
 
     vertical, horizontal = reordered((1, 0, 2)), reordered((2, 0, 1))
 
-    def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_k: Tensor, sigma_k: Tensor | None) -> Tensor:
+    def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_k: Tensor,
+                     sigma_k: Tensor | None) -> tuple[Tensor, Tensor]:
         """New spatial factor (n_k, R) of the model W̃[t, s, k, j] = Σ_r a[t,r] b[s,r] unknown[k,r] other[j,r], from
-        W and Σ in (k, s, j) order (``reordered``)."""
+        W and Σ in (k, s, j) order (``reordered``); and N = Σ Z (D, n_k, R) in that order, from which Σ K follows
+        for any new factor (``sigma_k_from``)."""
         n_k, n_j = unknown.shape[0], other.shape[0]
         # The model is Z · vec(unknown) with Z[(k, s, j), (l, r)] = δ_kl b[s, r] other[j, r]; N = Σ Z.
         b_other = khatri_rao(b, other)  # (S·n_j, R), rows (s, j)
@@ -149,7 +152,14 @@ def cp(
         gram = gram * (a.T @ a)[None, :, None, :]
         rhs = (n.reshape(n_k * y, n_k, rank) * (a.T @ w_k).T[:, None, :]).sum(0)  # Σ_x (AᵀW)[q, x] N[x, (l, q)]
         flat = gram.reshape(n_k * rank, n_k * rank)
-        return _damped_solve(flat, rhs.reshape(1, -1), unknown.reshape(1, -1), damping).reshape(n_k, rank)
+        new = _damped_solve(flat, rhs.reshape(1, -1), unknown.reshape(1, -1), damping).reshape(n_k, rank)
+        return new, n.reshape(n_k * y, n_k, rank)
+
+    def sigma_k_from(n: Tensor, d: Tensor) -> Tensor:
+        """Σ K (S·P, R) in W's column order from the horizontal step's N and the new horizontal factor: K's column r
+        is Σ_l d[l, r] Z[:, (l, r)] (one D·kw·R contraction instead of Σ's R·D² product in the output step)."""
+        sigma_k = (n * d[None]).sum(1)  # rows (j, s, i)
+        return sigma_k.reshape(kw, n_in, kh, rank).permute(1, 2, 0, 3).reshape(-1, rank)
 
     def normalized(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         norms = torch.linalg.vector_norm(x, dim=0).clamp_min(torch.finfo(DTYPE).tiny)
@@ -167,9 +177,10 @@ def cp(
         if converged(history, tol):
             break
         b, a = normalized(in_step(a, b, c, d), a)
-        c, a = normalized(spatial_step(a, b, c, d, *vertical), a)
-        d, a = normalized(spatial_step(a, b, d, c, *horizontal), a)
-        a, err = out_step(a, b, c, d)
+        c, a = normalized(spatial_step(a, b, c, d, *vertical)[0], a)
+        d, n_horizontal = spatial_step(a, b, d, c, *horizontal)
+        d, a = normalized(d, a)
+        a, err = out_step(a, b, c, d, sigma_k_from(n_horizontal, d))
         if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate
             break
         history.append(err)
@@ -180,11 +191,12 @@ def cp(
 
 def sweep_macs(shape: tuple[int, ...], rank: int, cg_iter: int = 5) -> float:
     """Multiply-adds of one sweep of ``cp`` for a weight of ``shape`` (T, S, kh, kw) at ``rank`` (leading terms:
-    the input factor's CG applies through Σ, the two spatial systems, the output step, which also gives the error)."""
+    the input factor's CG applies through Σ, the two spatial systems, the output step, which also gives the error
+    and takes Σ K from the horizontal step)."""
     n_out, n_in = shape[0], shape[1]
     kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
     dim, m = n_in * kh * kw, min(n_out, rank)
     inputs = (cg_iter + 1) * (m * dim * dim + 2 * m * n_in * rank * kh * kw) + m * rank**2 * kh * kw
     spatial = sum(dim * dim * rank + rank**2 * dim * k + (k * rank) ** 3 / 3 for k in (kh, kw))
-    return inputs + spatial + rank * dim * dim + rank**2 * dim + rank**3 / 3 + n_out * dim * rank
+    return inputs + spatial + dim * kw * rank + rank**2 * dim + rank**3 / 3 + n_out * dim * rank
 
