@@ -157,6 +157,16 @@ def test_fits_are_deterministic_for_a_seed():
     assert tucker2(w, sigma, (5, 5)).history == tucker2(w, sigma, (5, 5)).history
 
 
+def test_cp_line_search_reaches_the_plain_fit_in_half_the_sweeps():
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(32, 24, 3, 3, generator=gen)
+    sigma = realistic_sigma(24 * 9, 8)
+    searched = cp(w, sigma, 20, max_iter=25, tol=0).history
+    plain = cp(w, sigma, 20, max_iter=50, tol=0, extrapolate=False).history
+    assert len(searched) == 26 and len(plain) == 51
+    assert searched[-1] < 0.995 * plain[25] and searched[-1] < plain[50]
+
+
 # (a matrix in the Frobenius norm is solved by the closed-form start: nothing to continue)
 @pytest.mark.parametrize("norm, shape", [("frobenius", (24, 16, 3, 2)), ("sigma", (24, 16, 3, 2)), ("sigma", (24, 30))])
 @pytest.mark.parametrize("fit", ["tucker2", "cp"])

@@ -124,7 +124,7 @@ class CompressConfig:
     candidate_iter: int = 10
     candidate_tol: float = 1e-3
     candidate_budget: float | None = 5e10
-    max_iter: int = 100
+    max_iter: int = 50  # CP with its line search reaches in 50 sweeps the error plain ALS had after 100
     tol: float = 1e-5
     fit_budget: float | None = 2e11
     seed: int = 0

@@ -6,7 +6,9 @@ One sweep updates, each by an exact minimization:
 
 - B: SPD system with S·R unknowns, solved by CG (shared with Tucker-2, ``InputFactorSolver``);
 - C, D: small dense SPD systems with kh·R and kw·R unknowns;
-- A: closed form, A = W₁ Σ K (Kᵀ Σ K)⁻¹ (R×R solve).
+- A: closed form, A = W₁ Σ K (Kᵀ Σ K)⁻¹ (R×R solve);
+
+then a line search tries (B, C, D) moved further along the sweep's change, with their closed-form A.
 
 Degeneracy guard: every update is proximal (minimizes error² + μ‖X − X_prev‖², μ relative to the
 system's scale), which keeps the systems well conditioned and the error monotone; B, C, D are
@@ -74,13 +76,18 @@ def cp(
     cg_tol: float = 1e-3,
     sigma_reg: float = DEFAULT_SIGMA_REG,
     start: CP | None = None,
+    extrapolate: bool = True,
 ) -> CP:
     """Rank-``rank`` CP fit of ``weight`` ((T, S, kh, kw) or (T, S)) in the Σ-norm (Frobenius if
     sigma=None). Stops when a sweep lowers the relative error by less than ``tol`` (relative) or after
     ``max_iter`` sweeps. ``init``: 'svd' (leading singular vectors of each unfolding, seeded random
     columns beyond the mode size) or 'random' (seeded). ``start``: a fit of this weight at this rank with the same
     Σ and settings to continue (its sweeps count towards ``max_iter``): each sweep is a function of the factors
-    alone, so this gives the fit a run with the larger ``max_iter`` (and a ``tol`` no larger) would have given."""
+    and the sweep count alone, so this gives the fit a run with the larger ``max_iter`` (and a ``tol`` no larger)
+    would have given. ``extrapolate``: after each sweep, try (B, C, D) moved on along the sweep's change by
+    k^(1/3) times it (k = the sweep's number) with their exact A, and keep that point if its error is lower (a
+    line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
+    fit's error after 100 sweeps in 40–50, for one output step more per sweep)."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
     if rank < 1:
@@ -181,6 +188,12 @@ def cp(
         d, n_horizontal = spatial_step(a, b, d, c, *horizontal)
         d, a = normalized(d, a)
         a, err = out_step(a, b, c, d, sigma_k_from(n_horizontal, d))
+        if extrapolate and err <= history[-1]:  # a line search along this sweep's change of (B, C, D)
+            step = len(history) ** (1 / 3)
+            trial = tuple(x + step * (x - x0) for x, x0 in ((b, best[1]), (c, best[2]), (d, best[3])))
+            a_trial, err_trial = out_step(a, *trial)
+            if err_trial < err:
+                (b, c, d), a, err = trial, a_trial, err_trial
         if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate
             break
         history.append(err)
@@ -192,11 +205,12 @@ def cp(
 def sweep_macs(shape: tuple[int, ...], rank: int, cg_iter: int = 5) -> float:
     """Multiply-adds of one sweep of ``cp`` for a weight of ``shape`` (T, S, kh, kw) at ``rank`` (leading terms:
     the input factor's CG applies through Σ, the two spatial systems, the output step, which also gives the error
-    and takes Σ K from the horizontal step)."""
+    and takes Σ K from the horizontal step, and the line search's output step, which forms its own Σ K)."""
     n_out, n_in = shape[0], shape[1]
     kh, kw = (shape[2], shape[3]) if len(shape) == 4 else (1, 1)
     dim, m = n_in * kh * kw, min(n_out, rank)
     inputs = (cg_iter + 1) * (m * dim * dim + 2 * m * n_in * rank * kh * kw) + m * rank**2 * kh * kw
     spatial = sum(dim * dim * rank + rank**2 * dim * k + (k * rank) ** 3 / 3 for k in (kh, kw))
-    return inputs + spatial + dim * kw * rank + rank**2 * dim + rank**3 / 3 + n_out * dim * rank
+    output = dim * kw * rank + rank**2 * dim + rank**3 / 3 + n_out * dim * rank
+    return inputs + spatial + 2 * output + rank * dim * dim
 
