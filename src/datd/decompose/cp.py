@@ -87,7 +87,7 @@ def cp(
     would have given. ``extrapolate``: after each sweep, try (B, C, D) moved on along the sweep's change by
     k^(1/3) times it (k = the sweep's number) with their exact A, and keep that point if its error is lower (a
     line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
-    fit's error after 100 sweeps in 40–50, for one output step more per sweep)."""
+    fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep)."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
     if rank < 1:
