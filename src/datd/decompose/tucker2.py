@@ -100,19 +100,21 @@ def tucker2(
     def error(u_t: Tensor, g: Tensor, u_s: Tensor) -> float:
         return relative_error(w1, torch.einsum("ta,abp,sb->tsp", u_t, g, u_s).reshape(n_out, -1), s)
 
+    def initial_in_factor() -> Tensor:
+        if init == "hosvd":
+            mode2 = w1.reshape(n_out, n_in, n_pos).permute(1, 0, 2).reshape(n_in, -1)
+            return top_eigh(mode2 @ mode2.T, r_in)[1]
+        if init == "random":
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            return orthonormal_columns(torch.randn(n_in, r_in, generator=gen, dtype=DTYPE).to(w1.device))
+        raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
+
     if start is not None:
         check_start(start, weight.shape, tuple(ranks))
         u_t, g, u_s = start.out_factor, start.core.reshape(r_out, r_in, n_pos), start.in_factor
         history = list(start.history)
-    elif init == "hosvd":
-        mode2 = w1.reshape(n_out, n_in, n_pos).permute(1, 0, 2).reshape(n_in, -1)
-        _, u_s = top_eigh(mode2 @ mode2.T, r_in)
-    elif init == "random":
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        u_s = orthonormal_columns(torch.randn(n_in, r_in, generator=gen, dtype=DTYPE).to(w1.device))
     else:
-        raise ValueError(f"init must be 'hosvd' or 'random', got {init!r}")
-    if start is None:
+        u_s = initial_in_factor()
         u_t, g, err = core_step(u_s)
         history = [err]
     for _ in range(max_iter - (len(history) - 1)):
