@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import datd
+from datd.channels import MARK
 from datd.evaluate import count_params
 from datd.inference import MEMORY_FORMATS, form_names
 from datd.layers import FACTORIZED_TYPES
@@ -54,11 +55,13 @@ def test_budget_is_met_and_no_layer_grows(setup, method, ranks, target):
     assert report["params_after"] == count_params(compressed)
     assert 0 <= report["accuracy_after"] <= 1 and report["accuracy_before"] == 1.0
     factorized = {n for n, m in compressed.named_modules() if isinstance(m, FACTORIZED_TYPES)}
+    pruned = {n for n, m in compressed.named_modules() if getattr(m, MARK, False)}
     assert factorized
     for layer in report["layers"]:
         if "skipped" not in layer:
             assert layer["params_after"] < layer["params_before"] and layer["macs_after"] <= layer["macs_before"]
-            assert all(r >= 1 for r in layer["ranks"]) and layer["name"] in factorized
+            assert all(r >= 1 for r in layer["ranks"]) and layer["name"] in (pruned if layer["method"] == "prune"
+                                                                             else factorized)
             assert 0 <= layer["sigma_error"] < 1
             if method != "auto" and layer["shape"][2:] not in ([1, 1], []):
                 assert layer["method"] == method
@@ -171,7 +174,8 @@ def test_params_targets_report_measured_latency(setup):
     lat = report["latency"]
     assert lat["batch"] == 8 and lat["threads"] == torch.get_num_threads() and lat["memory_format"] in MEMORY_FORMATS
     assert lat["ratio"] == pytest.approx(lat["compressed_s"] / lat["original_s"])
-    assert set(report["inference"]["forms"]) == {l["name"] for l in report["layers"] if "skipped" not in l}
+    assert set(report["inference"]["forms"]) == {l["name"] for l in report["layers"]
+                                                 if "skipped" not in l and l["method"] != "prune"}  # pruned: plain
     _, report = datd.compress(model, calib, target="params=0.5", measure_latency=False, **FAST)
     assert "latency" not in report and report["inference"]["forms"] == {}
 
@@ -183,8 +187,13 @@ def test_latency_target_plans_with_measured_costs(setup):
     assert 1 <= len(lat["rounds"]) <= 4 and all(r["ratio"] > 0 for r in lat["rounds"])
     assert lat["ratio"] < 1 or not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
     for layer in report["layers"]:
-        if "skipped" not in layer:
-            assert layer["latency_predicted_s"] > 0 and layer["ranks"]
+        if "skipped" in layer:
+            continue
+        assert layer["ranks"]
+        if layer["method"] == "prune":  # the whole model's change, its producer's time saved too: may be below zero
+            assert layer["latency_predicted_s"] != 0 and layer["name"] not in report["inference"]["forms"]
+        else:
+            assert layer["latency_predicted_s"] > 0
             assert report["inference"]["forms"][layer["name"]] in form_names(compressed.get_submodule(layer["name"]))
     fast = datd.for_inference(compressed, **report["inference"])
     with torch.no_grad():
@@ -239,13 +248,13 @@ def test_layers_called_twice_are_pooled_and_layers_never_called_are_skipped_with
 
 def test_fit_budgets_cut_sweeps_and_drop_unaffordable_planning_options(setup):
     """A planning fit that its budget cannot pay one sweep for is not offered (here: none of Tucker-2/CP, so the
-    plan is all Σ-SVD); a final fit gets the sweeps its budget pays for."""
+    plan is all closed form: Σ-SVD and channel pruning); a final fit gets the sweeps its budget pays for."""
     from datd.decompose.cp import sweep_macs
     from datd.fitting import FitSettings, sweeps
 
     model, calib, _ = setup
     _, report = datd.compress(model, calib, target="params=0.5", method="auto", candidate_budget=1.0, **FAST)
-    assert {l["method"] for l in report["layers"] if "skipped" not in l} == {"svd"}
+    assert {l["method"] for l in report["layers"] if "skipped" not in l} <= {"svd", "prune"}
     shape, rank = (32, 16, 3, 3), 20
     per_sweep = sweep_macs(shape, rank)
     assert sweeps("cp", shape, (rank,), FitSettings(max_iter=50, budget=3.5 * per_sweep)) == 3
@@ -270,3 +279,70 @@ def test_sweep_estimates_grow_with_rank_and_width():
 
     assert tucker2_macs((64, 64, 3, 3), (8, 8)) < tucker2_macs((64, 64, 3, 3), (32, 32)) < tucker2_macs((128, 128, 3, 3), (32, 32))
     assert cp_macs((64, 64, 3, 3), 16) < cp_macs((64, 64, 3, 3), 160) < cp_macs((128, 128, 3, 3), 160)
+
+
+@pytest.mark.parametrize("target", ["params=0.8", "macs=0.7"])
+def test_method_prune_removes_channels_and_keeps_every_other_layer_dense(setup, tmp_path, target):
+    """method='prune': only channel pruning (``datd.channels``), every layer stays a plain Conv2d/Linear; the budget
+    holds, the report's totals are the model's, and the pruned model saves and reloads to the same outputs."""
+    model, calib, eval_data = setup
+    compressed, report = datd.compress(model, calib, target=target, method="prune", eval_data=eval_data, **FAST)
+    metric, fraction = target.split("=")
+    assert report[f"{metric}_after"] <= float(fraction) * report[f"{metric}_before"]
+    assert report["params_after"] == count_params(compressed)
+    assert not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
+    done = [l for l in report["layers"] if "skipped" not in l]
+    assert done and all(l["method"] == "prune" for l in done)
+    for layer in done:  # the consumer reads fewer channels; its producer lost the same ones
+        kept, producer = layer["ranks"][0], layer["pruned"]["producer"]
+        assert compressed.get_submodule(layer["name"]).in_channels == kept
+        assert compressed.get_submodule(producer).out_channels == kept
+        assert "output channels pruned" in next(l["skipped"] for l in report["layers"] if l["name"] == producer)
+    datd.save(compressed, tmp_path / "m", source={"model": "SmallNet"}, inference=report["inference"])
+    x = calib[1]
+    assert torch.equal(datd.load(tmp_path / "m", SmallNet())(x), compressed(x))
+    assert torch.allclose(datd.load(tmp_path / "m", SmallNet(), inference=True)(x), compressed(x), atol=1e-4)
+
+
+def test_a_pruned_layer_never_has_a_factorized_producer(setup):
+    """Pruning removes the producer's output channels, so the allocation decides the two together: across budgets a
+    pruned layer's producer is always dense, and pruning is chosen where it is the cheaper damage."""
+    model, calib, _ = setup
+    fit_cache: dict = {}
+    stats = datd.collect_stats(model, calib, progress=False)
+    methods = set()
+    for target in ("params=0.8", "params=0.5", "macs=0.8", "macs=0.5"):
+        _, report = datd.compress(model, calib, target=target, stats=stats, fit_cache=fit_cache, **FAST)
+        by_name = {l["name"]: l for l in report["layers"]}
+        for layer in report["layers"]:
+            methods.add(layer.get("method"))
+            if layer.get("method") == "prune":
+                assert "method" not in by_name[layer["pruned"]["producer"]]
+    assert "prune" in methods and methods & {"tucker2", "cp", "svd"}
+
+
+def test_a_plan_that_factorizes_a_pruned_layers_producer_is_refused(setup, tmp_path):
+    model, calib, _ = setup
+    plan = {"format": "datd-plan/1", "target": None, "skipped": {},
+            "layers": {"features.3": {"method": "prune", "ranks": [10]}, "features.0": {"method": "svd", "ranks": [4]}}}
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(plan))
+    with pytest.raises(datd.errors.DatdError, match="prunes the channels of 'features.0', which must then stay dense"):
+        datd.compress(model, calib, ranks=str(tmp_path / "plan.json"), **FAST)
+    plan["layers"] = {"features.3": {"method": "prune", "ranks": [10]}}
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(plan))
+    compressed, report = datd.compress(model, calib, ranks=str(tmp_path / "plan.json"), **FAST)
+    assert compressed.features[3].in_channels == 10 and compressed.features[0].out_channels == 10
+
+
+def test_a_resumed_run_restores_pruned_layers(setup, tmp_path):
+    """Fitted layers come back from the checkpoint, pruned chains included: the same model, bit for bit."""
+    from datd.checkpoint import Checkpoint
+
+    model, calib, _ = setup
+    first, report = datd.compress(model, calib, target="macs=0.6", checkpoint=Checkpoint(tmp_path / "c"), **FAST)
+    assert any(l.get("method") == "prune" for l in report["layers"])
+    again, resumed = datd.compress(model, calib, target="macs=0.6", checkpoint=Checkpoint(tmp_path / "c", resume=True),
+                                   **FAST)
+    assert resumed["resumed"]["fits"] == sum("method" in l for l in report["layers"])
+    state, restored = first.state_dict(), again.state_dict()
+    assert state.keys() == restored.keys() and all(torch.equal(state[k], restored[k]) for k in state)

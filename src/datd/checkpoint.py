@@ -131,8 +131,7 @@ class Checkpoint:
         return self.directory / "fits" / f"{hashlib.sha1(name.encode()).hexdigest()[:20]}.safetensors"
 
     def fit(self, name: str) -> tuple[dict, dict[str, Tensor], dict] | None:
-        """Layer ``name``'s factorized module as saved (its structure {"method", "ranks", "bias"} and its
-        tensors) and its report entry, or None."""
+        """Layer ``name``'s result as ``save_fit`` kept it (its structure, its tensors, its report entry), or None."""
         path = self._fit_path(name)
         if not self.resume or not path.is_file():
             return None
@@ -145,9 +144,10 @@ class Checkpoint:
         self.resumed["fits"] = int(self.resumed.get("fits", 0)) + 1  # type: ignore[call-overload]
         return meta["structure"], state, entry
 
-    def save_fit(self, name: str, module: nn.Module, entry: dict) -> None:
-        structure = {"method": module.kind, "ranks": list(module.ranks), "bias": module.last.bias is not None}
+    def save_fit(self, name: str, structure: dict, state: dict[str, Tensor], entry: dict) -> None:
+        """Keep layer ``name``'s result: its ``structure`` (JSON: how to rebuild its modules), their tensors and its
+        report entry."""
         meta = {"name": name, "structure": structure, "entry": dict(entry, cost=dataclasses.asdict(entry["cost"]))}
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         with atomic_path(self._fit_path(name)) as tmp:
             save_file(state, str(tmp), metadata={"datd": json.dumps(meta)})

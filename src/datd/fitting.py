@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, svd, tucker2
+from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, prune, prune_order, svd, tucker2
 from .decompose.cp import sweep_macs as cp_sweep_macs
 from .decompose.tucker2 import sweep_macs as tucker2_sweep_macs
 from .decompose._linalg import gram_top_eigh, prepare_sigma
@@ -51,6 +52,7 @@ class LayerProblem:
     geometry: Geometry
     bias: Tensor | None
     sigma_pooled: Tensor | None = None
+    _prune_orders: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def groups(self) -> int:
@@ -95,6 +97,16 @@ class LayerProblem:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         return None if norm == "frobenius" else self.error_moment(bias_correction)
 
+    def prune_order(self, settings: "FitSettings") -> tuple[Tensor, Tensor]:
+        """``datd.decompose.prune_order`` of the weight's input channels in the fit norm: (the channels in the order
+        they are kept, the relative squared fit error of keeping the first k, k = 0 … H); one greedy pass serves
+        every pruning level, so it is kept per norm."""
+        key = (settings.norm, settings.bias_correction, settings.sigma_reg)
+        if key not in self._prune_orders:
+            self._prune_orders[key] = prune_order(self.weight, self.fit_moment(settings.norm, settings.bias_correction),
+                                                  channels=self.geometry.input_channels, sigma_reg=settings.sigma_reg)
+        return self._prune_orders[key]
+
     def corrected_bias(self, approx: Tensor, bias_correction: bool) -> Tensor | None:
         """The bias of the factorized layer: the original one, plus (W − W̃)μ with bias correction (which makes
         the mean output error zero)."""
@@ -129,7 +141,7 @@ class FitSettings:
 def sweeps(method: str, shape: tuple[int, ...], ranks: tuple[int, ...], settings: FitSettings) -> int:
     """The sweeps a fit of ``method`` at ``ranks`` gets for a weight (one group's) of ``shape``: ``max_iter``, or
     fewer where ``settings.budget`` pays for fewer (0: not even one, besides the closed-form start)."""
-    if method == "svd" or settings.budget is None:
+    if method in ("svd", "prune") or settings.budget is None:  # closed form
         return settings.max_iter
     per_sweep = tucker2_sweep_macs(shape, ranks) if method == "tucker2" else cp_sweep_macs(shape, ranks[0])
     return min(settings.max_iter, int(settings.budget // per_sweep))
@@ -148,6 +160,9 @@ def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: Fi
     w, reg = problem.weight.detach(), settings.sigma_reg
     if method == "svd":
         return svd(w, sigma, ranks[0], sigma_reg=reg)
+    if method == "prune":
+        return prune(w, sigma, ranks[0], channels=problem.geometry.input_channels, order=problem.prune_order(settings)[0],
+                     sigma_reg=reg)
     n_sweeps = sweeps(method, tuple(w.shape), tuple(ranks), settings)
     if start is not None and len(start.history) - 1 > n_sweeps:
         start = None  # it ran more sweeps than these settings pay for
@@ -212,3 +227,35 @@ def svd_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings: 
             for weights, m in problem.damage_terms(sensitivity, settings.bias_correction))
     trailing = h.flip(0, 1).cumsum(0).cumsum(1).diagonal().flip(0)  # trailing[R] = Σ_{k,l>=R} h_kl
     return 0.5 * torch.cat([trailing, trailing.new_zeros(w.shape[0] + 1 - trailing.shape[0])])
+
+
+def prune_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings: FitSettings,
+                       anchors: list[int]) -> Tensor:
+    """Damage of keeping k of the H prunable input channels (``fit(..., 'prune', (k,))``) for every k = 0 … H (H+1,).
+
+    The greedy order gives every k's fit error e_k at once (in the fit norm); the damage weighs the same error by
+    the sensitivities, pooled and spread. It is computed exactly at the ``anchors`` (kept counts), and elsewhere
+    as e_k times the damage-to-error ratio interpolated (log-linearly in k) between the nearest anchors; 0 at
+    k = H, where nothing is removed."""
+    _, errors = problem.prune_order(settings)
+    h = errors.shape[0] - 1
+    points = []
+    for k in sorted({min(max(int(a), 1), h - 1) for a in anchors if h > 1}):
+        approx = fit(problem, "prune", (k,), settings).reconstruct()
+        d = damage(problem, approx, sensitivity, settings.bias_correction)
+        if errors[k] > 0:
+            points.append((k, math.log(max(d / float(errors[k]), 1e-300))))
+    if not points:  # exact at every anchor (or a single channel): nothing to lose
+        return torch.zeros_like(errors)
+    ks = torch.arange(h + 1, dtype=errors.dtype)
+    xs = torch.tensor([p[0] for p in points], dtype=errors.dtype)
+    ys = torch.tensor([p[1] for p in points], dtype=errors.dtype)
+    i = torch.searchsorted(xs, ks).clamp(1, max(len(points) - 1, 1))
+    if len(points) == 1:
+        log_ratio = ys[0].expand(h + 1)
+    else:
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        log_ratio = torch.where(ks <= xs[0], ys[0], torch.where(ks >= xs[-1], ys[-1], y0 + (ks - x0) / (x1 - x0) * (y1 - y0)))
+    curve = errors * log_ratio.exp()
+    curve[h] = 0.0
+    return curve

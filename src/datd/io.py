@@ -14,6 +14,7 @@ from typing import Any, Iterator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .channels import apply_sizes, channel_sizes
 from .errors import DatdError, MissingFileError, reading
 from .inference import MEMORY_FORMATS, for_inference
 from .layers import FACTORIZED_TYPES
@@ -122,13 +123,14 @@ def compression_config(model: nn.Module) -> dict[str, dict]:
 
 def save(model: nn.Module, directory: str | os.PathLike, *, source: dict | None = None,
          inference: dict | None = None) -> Path:
-    """Write a compressed model as ``config.json`` (which layers are factorized how, plus ``source``: how to
-    rebuild the base model, e.g. {"model": "cifar_resnet20", "weights": …}, and ``inference``: how it runs
+    """Write a compressed model as ``config.json`` (which layers are factorized how, the channel counts of the
+    modules that channel pruning shrank, plus ``source``: how to rebuild the base model, e.g. {"model": "cifar_resnet20", "weights": …}, and ``inference``: how it runs
     fastest, {"memory_format": …, "forms": {layer: form}} as in ``report["inference"]``) and
     ``model.safetensors`` (the full state dict). Returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": MODEL_FORMAT, "source": source or {}, "layers": compression_config(model),
+              "channels": channel_sizes(model),
               "inference": _checked_inference(inference or {}, directory / CONFIG_FILE)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
@@ -164,6 +166,13 @@ def read_config(directory: str | os.PathLike) -> dict:
                 and isinstance(entry.get("ranks"), list) and entry["ranks"]
                 and all(type(r) is int and r >= 1 for r in entry["ranks"])):
             raise DatdError(f"{where}: layer '{name}' needs a method, positive integer ranks and a bias flag")
+    channels = config.setdefault("channels", {})  # files written before channel pruning have none
+    if not isinstance(channels, dict) or not all(
+            isinstance(sizes, dict) and {"in", "out"} & set(sizes) and set(sizes) <= {"in", "out", "bias"}
+            and all(type(v) is int and v >= 1 for k, v in sizes.items() if k != "bias")
+            and type(sizes.get("bias", False)) is bool for sizes in channels.values()):
+        raise DatdError(f"{where}: 'channels' must map module names to positive integer 'in'/'out' channel counts "
+                        "(and a 'bias' flag)")
     if not isinstance(config.get("source", {}), dict):
         raise DatdError(f"{where}: 'source' must be an object")
     config["inference"] = _checked_inference(config.get("inference") or {}, where)
@@ -183,6 +192,7 @@ def load(directory: str | os.PathLike, base_model: nn.Module, *, inference: bool
         state = load_file(str(weights))
     with reading(f"{directory}: its configuration does not fit the base model"):
         apply_config(base_model, config["layers"])
+        apply_sizes(base_model, config["channels"])
     # safetensors keeps no module versions; some modules check theirs when loading (torchvision's MNASNet):
     # the base model's own are the right ones, it is the same architecture
     state = OrderedDict(state)

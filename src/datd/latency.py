@@ -11,7 +11,8 @@ model will run in:
 - ``LatencyCache``: a JSON file of measured layer timings, keyed by everything a timing depends on (device,
   threads, torch version, dtype, memory format, layer geometry, input shape, method, ranks, execution form).
 - ``LatencyModel``: the latency of a layer kept dense and of its factorized candidates (the fastest of their
-  execution forms, ``datd.inference``), measured on a grid of ranks and interpolated in between.
+  execution forms, ``datd.inference``), and what pruning a chain's channels saves, measured on a grid of ranks
+  (channel counts) and interpolated in between.
 """
 
 from __future__ import annotations
@@ -323,6 +324,20 @@ class LatencyModel:
         seconds = self._measure(layer_signature(layer, shape), shape, forms)
         best = min(seconds, key=seconds.__getitem__)
         return Measured(seconds[best], best.rpartition("|")[2])
+
+    def pruned(self, parts_at: Callable[[int], list[tuple[nn.Module, tuple[int, ...]]]], channels: int,
+               ladder: Iterable[tuple[int, ...]]) -> dict[tuple[int, ...], Measured]:
+        """What keeping k of a chain's ``channels`` (channel pruning, ``datd.channels``) changes in latency, for each
+        (k,) of ``ladder``: the seconds of the chain's layers with k channels (``parts_at(k)``: each module with its
+        per-sample input shape, timed alone at the batch size like a dense layer) less their seconds with all of
+        them (negative: faster). Measured on a grid of k, interpolated between."""
+        ladder = list(ladder)
+        if not ladder:
+            return {}
+        full = sum(self.dense(module, shape) for module, shape in parts_at(channels))
+        grid = {ranks: Measured(sum(self.dense(module, shape) for module, shape in parts_at(ranks[0])) - full, "pruned")
+                for ranks in rank_grid(ladder, self.grid_points)}
+        return _interpolate(ladder, grid)
 
     def save(self) -> None:
         self.cache.save()

@@ -40,6 +40,8 @@ class Geometry:
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
     add_bias: bool = False
+    input_channels: int = 0  # H where the layer's input channels can be pruned (``datd.channels``), else 0
+    upstream: "Cost | None" = None  # what one of those channels costs before the layer (its producer, BN, ...)
 
     @classmethod
     def of(cls, layer: nn.Module, input_hw: tuple[int, int], output_hw: tuple[int, int], add_bias: bool = False) -> "Geometry":
@@ -80,6 +82,20 @@ def dense_cost(g: Geometry) -> Cost:
     """Parameters and MACs (per sample) of the original Conv2d/Linear."""
     n_weights = math.prod(g.weight_shape)
     return Cost(n_weights + (g.weight_shape[0] if g.bias else 0), n_weights * g.out_positions)
+
+
+def pruned_cost(g: Geometry, kept: int) -> Cost:
+    """Exact cost of the layer reading ``kept`` of its ``g.input_channels`` input channels (``datd.decompose.prune``),
+    less what the removed channels cost upstream (``g.upstream`` each: the producer's output channels and the
+    per-channel modules between, which are removed with them): the change of the whole model's cost, so it can be
+    below zero."""
+    if not 1 <= kept <= g.input_channels or g.upstream is None:
+        raise ValueError(f"cannot keep {kept} input channels of a layer with {g.input_channels} prunable ones")
+    n_out, per_channel = g.weight_shape[0], math.prod(g.weight_shape[1:]) // g.input_channels
+    weights = n_out * per_channel * kept
+    removed = g.input_channels - kept
+    return Cost(weights + (n_out if g.factorized_bias else 0) - removed * g.upstream.params,
+                weights * g.out_positions - removed * g.upstream.macs)
 
 
 def _conv(n_in: int, n_out: int, kernel, conv: nn.Conv2d | None = None, **kwargs) -> nn.Conv2d:
@@ -313,5 +329,5 @@ def factorize(layer: nn.Module, decomposition: Decomposition, bias: Tensor | Non
 
 __all__ = [
     "CPConv2d", "Cost", "Geometry", "LowRankConv2d", "LowRankLinear", "Tucker2Conv2d",
-    "build", "dense_cost", "factorize", "factorized_class",
+    "build", "dense_cost", "factorize", "factorized_class", "pruned_cost",
 ]

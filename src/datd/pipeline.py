@@ -26,24 +26,27 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .channels import (
+    MARK, Chain, ChainProfile, find_chains, module_sizes, profile_chains, prune_chain, resize, timed_parts, with_bias,
+)
 from .checkpoint import Checkpoint, model_digest
 from .decompose import DEFAULT_SIGMA_REG, Decomposition
 from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
-    NORMS, FitSettings, LayerProblem, damage, fit, relative_output_error, relative_sigma_error, svd_damage_curve,
-    sweeps,
+    NORMS, FitSettings, LayerProblem, damage, fit, prune_damage_curve, relative_output_error, relative_sigma_error,
+    svd_damage_curve, sweeps,
 )
 from .inference import MEMORY_FORMATS, for_inference
 from .latency import (
     LatencyCache, LatencyModel, best_memory_format, compare, default_cache_path, default_rank_multiple, example_batch,
     tune_allocator,
 )
-from .layers import Cost, Geometry, dense_cost, factorize
+from .layers import FACTORIZED_TYPES, Cost, Geometry, dense_cost, factorize
 from .layers import build as build_factorized
 from .plan import (
-    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, damage_curve, factorized_cost,
-    metric_of, rank_ladder, ranks_for_fraction,
+    METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, cheapest, damage_curve,
+    factorized_cost, metric_of, rank_ladder, ranks_for_fraction,
 )
 from .probe import DamageProbe
 from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
@@ -58,6 +61,12 @@ LATENCY_TOLERANCE = 0.02
 # A factorized option must be measured at least this much faster than its dense layer to be considered at all:
 # smaller gains are within timing noise and would spend accuracy on nothing.
 LATENCY_MIN_GAIN = 0.05
+# Kept fractions of a prunable layer's input channels at which the damage of pruning is computed exactly (between
+# them it follows the greedy selection's fit errors, ``fitting.prune_damage_curve``): pruning is used mostly mildly.
+PRUNE_ANCHORS = (0.25, 0.5, 0.7, 0.85, 0.95)
+# Channel pruning is offered where the consumer's input vector has at most this many entries: its greedy selection
+# holds a D×D Schur complement and updates it at every step (D = 4608, a 512-channel 3×3 conv: ~10 s on 2 cores).
+MAX_PRUNE_DIM = 8192
 
 
 @dataclass
@@ -65,9 +74,12 @@ class CompressConfig:
     """Everything that decides the result of ``compress`` (all JSON-serializable).
 
     target: whole-model budget, 'params=F' or 'macs=F' (F in (0, 1)).
-    method: 'tucker2', 'cp', 'svd' or 'auto' (per layer, the decomposition with the least damage for its
-        budget). Kernels of 1×1 and Linear layers always use 'svd' (every method is a matrix factorization
-        there, and the Σ-SVD is its closed-form optimum).
+    method: 'tucker2', 'cp', 'svd', 'prune' or 'auto' (per layer, the option with the least damage for its budget,
+        all methods). Kernels of 1×1 and Linear layers are factorized with 'svd' (every method is a matrix
+        factorization there, and the Σ-SVD is its closed-form optimum). 'prune' (``datd.channels``) removes input
+        channels of a layer whose producer feeds only it, with the layer refitted on the channels it keeps
+        (``datd.decompose.prune``) and the producer's channels removed: with 'auto' it competes with the
+        factorizations (for params/macs targets); alone it compresses by pruning only, every other layer dense.
     norm: 'sigma' (fit ‖(W − W̃)Σ^{1/2}‖) or 'frobenius' (fit ‖W − W̃‖, the classical baseline).
     ranks: 'auto' (data-aware global allocation), 'uniform' (the same reduction ratio in every layer) or
         the path of a plan JSON.
@@ -201,6 +213,8 @@ class _Layer:
     sensitivity: Sensitivity  # per-output-channel weights of the damage (ones unless measured)
     shrinkage: ShrinkageChoice = field(default_factory=ShrinkageChoice)  # the α applied to the layer's Σ
     fits: dict[tuple[str, tuple[int, ...], FitSettings], Decomposition] = field(default_factory=dict)
+    chain: Chain | None = None  # where its input channels can be pruned (with their producer)
+    profile: ChainProfile | None = None  # the chain's cost per channel and shapes
 
     @property
     def geometry(self) -> Geometry:
@@ -273,6 +287,12 @@ def compress(
         reason = skip_reason(module, config.min_params)
         if reason:
             skipped[name] = reason
+    # pruning a layer's input channels saves what produces them, whatever the layer's own size: layers too small to
+    # factorize may still prune (their statistics are collected)
+    chains, profiles = _chains(original, [n for n, m in candidates.items() if skip_reason(m, 0) is None], config, target,
+                            first)
+    for name in chains:
+        skipped.pop(name, None)
     wanted = [n for n in candidates if n not in skipped]
     plan_file = None if config.ranks in RANK_MODES else Plan.read(config.ranks)
     unknown = [n for n in plan_file or () if n not in candidates]
@@ -313,14 +333,22 @@ def compress(
         if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
             raise DatdError("fit_cache can only be reused with the same statistics object (pass stats=...)")
     tick = time.perf_counter()
+    chains = {n: c for n, c in chains.items() if n in wanted}
+    if config.method == "prune":
+        for name in [n for n in wanted if n not in chains]:
+            skipped[name] = "not prunable: no producer layer feeds only its input channels (method 'prune')"
+        wanted = [n for n in wanted if n in chains]
     layers: dict[str, _Layer] = {}
     for name in wanted:
         if plan_file is not None and (name not in plan_file or plan_file[name][0] == "dense"):
             skipped[name] = "kept dense by the plan"
             continue
-        layers[name] = _make_layer(name, candidates[name], stats, config)
+        layers[name] = _make_layer(name, candidates[name], stats, config, chains.get(name), profiles.get(name))
         if fit_cache is not None:
             layers[name].fits = fit_cache.setdefault((name, layers[name].shrinkage.alpha), {})
+    if plan_file is not None:
+        _check_pruned_producers(plan_file, chains)
+    producers = _producers(layers)
     timings["shrinkage"] = time.perf_counter() - tick  # each layer's cross-validated α (``datd.shrinkage``)
 
     tick = time.perf_counter()
@@ -346,12 +374,13 @@ def compress(
 
     tick = time.perf_counter()
     if target.metric == "latency":
-        options = _options(layers, config, target, multiple, progress, latency=timing.model)  # type: ignore[union-attr]
+        options = _options(layers, config, target, multiple, progress, latency=timing.model, model=original)  # type: ignore[union-attr]
         timings["planning"] = time.perf_counter() - tick
         if probe is not None:
             tick = time.perf_counter()
             budget = _latency_budget(layers, options, timing, target).allowed  # type: ignore[arg-type]
-            options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, "latency"), probe, config)
+            options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, "latency", producers), probe,
+                                            config)
             timings["damage probes"] = time.perf_counter() - tick
         tick = time.perf_counter()
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
@@ -376,17 +405,18 @@ def compress(
             else:
                 options = _options(layers, config, target, multiple, progress)
                 try:
-                    choice = allocate(options, budget, target.metric)
+                    choice = allocate(options, budget, target.metric, producers)
                 except ValueError as exc:
-                    raise DatdError(_infeasible(target, total, fixed, options)) from exc
+                    raise DatdError(_infeasible(target, total, fixed, options, producers)) from exc
             timings["planning"] = time.perf_counter() - tick
             if probe is not None:  # 'auto' ranks: ``options`` exist
                 tick = time.perf_counter()
-                options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric), probe, config)
-                choice = allocate(options, budget, target.metric)
+                options, probed = _probe_rounds(layers, options, lambda o: allocate(o, budget, target.metric, producers),
+                                                probe, config)
+                choice = allocate(options, budget, target.metric, producers)
                 timings["damage probes"] = time.perf_counter() - tick
             if config.ranks == "auto":
-                curve = damage_curve(options, total, fixed, target.metric)
+                curve = damage_curve(options, total, fixed, target.metric, producers=producers)
             if checkpoint is not None:
                 checkpoint.save_planning(choice, probed, curve, {k: v for k, v in timings.items()
                                                                  if k in ("planning", "damage probes")})
@@ -405,13 +435,18 @@ def compress(
     for name, option in choice.items():
         if (option.method, option.ranks) in probed.get(name, {}):
             entries[name]["damage_measured"] = probed[name][option.method, option.ranks]
+        if option.method == "prune":
+            chain = layers[name].chain
+            skipped[chain.producer] = (f"kept dense; its output channels pruned with '{name}' ({option.ranks[0]} of "  # type: ignore[union-attr]
+                                       f"{chain.channels} kept)")  # type: ignore[union-attr]
+    for name, option in choice.items():
         if option.method == "dense" and name not in skipped:
             skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
     if timing is not None:
         timing.model.save()
 
     after = Cost(count_params(compressed), count_macs(compressed, first[:1]))
-    report = _report(config, candidates, stats, skipped, entries, before, after, timings, start)
+    report = _report(config, candidates, stats, skipped, entries, before, after, timings, start, compressed)
     if curve is not None:
         report["budget_curve"] = curve
     report["inference"] = {"memory_format": timing.memory_format if timing else "contiguous",
@@ -449,14 +484,34 @@ def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Opt
         decomposition = _fit_cached(layer, option.method, option.ranks, settings)
         entries[name] = _install(compressed, name, layer, layer.problem, decomposition, option, settings)
         if checkpoint is not None:
-            checkpoint.save_fit(name, compressed.get_submodule(name), entries[name])
+            checkpoint.save_fit(name, *_saved(compressed, name, layer), entries[name])
     return compressed, entries
+
+
+def _saved(compressed: nn.Module, name: str, layer: _Layer) -> tuple[dict, dict[str, Tensor]]:
+    """How a checkpoint keeps layer ``name`` of ``compressed``: (structure, tensors) for ``_restore``. A factorized
+    layer is its module; a pruned one the sizes and tensors of every module of its chain."""
+    if layer.chain is not None and not isinstance(compressed.get_submodule(name), FACTORIZED_TYPES):
+        chain = layer.chain
+        names = (chain.producer, *chain.between, chain.consumer)
+        modules = {n: compressed.get_submodule(n) for n in names}
+        state = {f"{n}/{k}": v for n, m in modules.items() for k, v in m.state_dict().items()}
+        return {"method": "prune", "sizes": {n: module_sizes(m) for n, m in modules.items()}}, state
+    module = compressed.get_submodule(name)
+    return {"method": module.kind, "ranks": list(module.ranks), "bias": module.last.bias is not None}, module.state_dict()
 
 
 def _restore(compressed: nn.Module, name: str, layer: _Layer, structure: dict, state: dict[str, Tensor],
              entry: dict) -> dict:
-    """Swap the factorized module saved by a checkpoint into ``compressed`` at ``name``; its report entry."""
+    """Swap the modules saved by a checkpoint for layer ``name`` into ``compressed``; its report entry."""
     with reading(f"the checkpoint of layer '{name}'"):
+        if structure["method"] == "prune":
+            for module_name, sizes in structure["sizes"].items():
+                own = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == module_name}
+                module = resize(with_bias(compressed.get_submodule(module_name), "bias" in own), sizes)
+                module.load_state_dict(own, strict=True)
+                replace_module(compressed, module_name, module)
+            return entry
         module = build_factorized(layer.module, structure["method"], tuple(structure["ranks"]), structure["bias"])
         module.load_state_dict(state, strict=True)
     replace_module(compressed, name, module)
@@ -498,7 +553,7 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
             entries[name] = _install(compressed, name, layer, problem, decomposition, option, settings)
             entries[name]["propagated"] = name in paired
             if checkpoint is not None:
-                checkpoint.save_fit(name, compressed.get_submodule(name), entries[name])
+                checkpoint.save_fit(name, *_saved(compressed, name, layer), entries[name])
     bar.close()
     return compressed, entries
 
@@ -509,26 +564,62 @@ def _install(compressed: nn.Module, name: str, layer: _Layer, problem: LayerProb
     ``compressed`` at ``name``; return the layer's report entry (errors measured in ``problem``'s statistics)."""
     approx = decomposition.reconstruct()
     bias = problem.corrected_bias(approx, settings.bias_correction)
-    module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
-    replace_module(compressed, name, module)
+    cost = factorized_cost(option.method, layer.geometry, option.ranks)
+    extra: dict = {}
+    if option.method == "prune":  # the chain's modules shrink; the layer reads the kept channels only
+        chain = layer.chain
+        prune_chain(compressed, chain, decomposition.kept, decomposition.weight, bias)  # type: ignore[arg-type, attr-defined]
+        removed = chain.channels - option.ranks[0]  # type: ignore[union-attr]
+        upstream = layer.geometry.upstream
+        cost = Cost(cost.params + removed * upstream.params, cost.macs + removed * upstream.macs)  # type: ignore[union-attr]
+        extra = {"pruned": {"producer": chain.producer, "between": list(chain.between),  # type: ignore[union-attr]
+                            "channels": chain.channels, "kept": option.ranks[0],  # type: ignore[union-attr]
+                            "removed_upstream": {"params": removed * upstream.params,  # type: ignore[union-attr]
+                                                 "macs": removed * upstream.macs}}}  # type: ignore[union-attr]
+    else:
+        module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
+        replace_module(compressed, name, module)
     entry = {
         "method": option.method, "ranks": list(option.ranks),
-        "cost": factorized_cost(option.method, layer.geometry, option.ranks),
+        "cost": cost,  # the layer's own (for 'prune': the consumer's; its producer's removed part is in "pruned")
         "sigma_error": relative_sigma_error(problem, approx),
         "output_error": relative_output_error(problem, approx, settings.bias_correction),
         "damage": damage(problem, approx, layer.sensitivity, settings.bias_correction),
         "sweeps": len(decomposition.history) - 1,
         "bias": bias is not None,
         "shrinkage": layer.shrinkage.alpha,
+        **extra,
     }
     if option.cost.latency:
         entry["latency_predicted_s"] = option.cost.latency * 1e-9
     return entry
 
 
-def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig) -> _Layer:
+def _chains(model: nn.Module, wanted: list[str], config: CompressConfig, target: Target,
+            example: Tensor) -> tuple[dict[str, Chain], dict[str, ChainProfile]]:
+    """The prunable chains whose consumer is among ``wanted``, and their profiles (what one channel costs upstream, the
+    shapes to time them at), where the configuration prunes: method 'auto' or 'prune' (or a plan file), auto ranks."""
+    if (config.method not in ("auto", "prune") and config.ranks in RANK_MODES) or config.ranks == "uniform":
+        return {}, {}
+    chains = {n: c for n, c in find_chains(model, set(wanted)).items()
+              if model.get_submodule(n).weight[0].numel() <= MAX_PRUNE_DIM}
+    return chains, (profile_chains(model, chains, example[:1]) if chains else {})
+
+
+def _check_pruned_producers(plan: dict[str, tuple[str, tuple[int, ...]]], chains: dict[str, Chain]) -> None:
+    """A plan that prunes a layer's input channels keeps their producer dense (its channels are removed)."""
+    for name, (method, _) in plan.items():
+        if method == "prune" and name in chains and plan.get(chains[name].producer, ("dense",))[0] != "dense":
+            raise DatdError(f"plan: layer '{name}' prunes the channels of '{chains[name].producer}', which must then "
+                            f"stay dense (the plan gives it {plan[chains[name].producer][0]!r})")
+
+
+def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig, chain: Chain | None = None,
+                profile: ChainProfile | None = None) -> _Layer:
     s = stats[name]
     geometry = Geometry.of(module, s.input_hw, s.output_hw, add_bias=config.bias_correction)
+    if chain is not None and profile is not None:
+        geometry = dataclasses.replace(geometry, input_channels=chain.channels, upstream=profile.unit)
     device = module.weight.device
     if config.norm == "frobenius":
         choice = ShrinkageChoice()  # the norm ignores Σ (but for the bias correction's mean)
@@ -542,13 +633,19 @@ def _make_layer(name: str, module: nn.Module, stats: Statistics, config: Compres
     problem = LayerProblem(name, module.weight.detach().double(), shrink(s.sigma.to(device), alpha, center), mean,
                            geometry, None if module.bias is None else module.bias.detach().double(),
                            None if s.sigma_pooled is None else shrink(s.sigma_pooled.to(device), alpha, center))
-    if isinstance(module, nn.Linear) or geometry.kernel_positions == 1:
-        methods: tuple[str, ...] = ("svd",)
+    factorizations = tuple(m for m in METHODS if m != "prune")
+    if config.method == "prune" or module.weight.numel() < config.min_params:  # too small to factorize
+        methods: tuple[str, ...] = ()
+    elif isinstance(module, nn.Linear) or geometry.kernel_positions == 1:
+        methods = ("svd",)
     elif config.method == "auto" or config.ranks not in RANK_MODES:  # a plan file names its own methods
-        methods = METHODS
+        methods = factorizations
     else:
         methods = (config.method,)
-    return _Layer(problem, module, methods, Sensitivity.uniform(module.weight.shape[0], device), choice)
+    if chain is not None:
+        methods += ("prune",)
+    return _Layer(problem, module, methods, Sensitivity.uniform(module.weight.shape[0], device), choice, chain=chain,
+                  profile=profile)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -594,7 +691,7 @@ class _Timing:
     def forms(self, layers: dict[str, _Layer], choice: dict[str, Option]) -> dict[str, str]:
         """The fastest execution form of every factorized layer of ``choice`` (measured, cached)."""
         return {n: self.model.best_form(layers[n].module, layers[n].input_shape, o.method, o.ranks).form
-                for n, o in choice.items() if o.method != "dense"}
+                for n, o in choice.items() if o.method not in ("dense", "prune")}
 
     def measure(self, compressed: nn.Module, forms: dict[str, str]) -> dict:
         """Interleaved seconds per batch of the original (inference form and as given) and of ``compressed``
@@ -626,7 +723,7 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     goal, fixed = budget.goal, budget.fixed
     history, results = [], []
     for _ in range(rounds):
-        choice = allocate(options, budget.allowed, "latency")
+        choice = allocate(options, budget.allowed, "latency", _producers(layers))
         if any(choice == r[2] for r in results):
             break
         compressed, entries = _build(original, layers, choice, settings, progress)
@@ -662,13 +759,19 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     return compressed, entries, choice, measured
 
 
+def _producers(layers: dict[str, _Layer]) -> dict[str, str]:
+    """Consumer → producer of every prunable layer whose producer is compressible too: the allocation decides the two
+    together (pruning needs the producer dense)."""
+    return {n: l.chain.producer for n, l in layers.items() if l.chain is not None and l.chain.producer in layers}
+
+
 def _latency_budget(layers: dict[str, _Layer], options: dict[str, list[Option]], timing: _Timing,
                     target: Target) -> LatencyBudget:
     """The first round's budget: the target's share of the reference time, less what the layers that are not
     compressed take (the reference minus the compressible layers' dense timings)."""
     reference_ns = _ns(timing.reference_seconds)
     fixed = reference_ns - sum(_ns(timing.model.dense(l.module, l.input_shape)) for l in layers.values())
-    return LatencyBudget.of(target.fraction * reference_ns, fixed, options)
+    return LatencyBudget.of(target.fraction * reference_ns, fixed, options, _producers(layers))
 
 
 def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
@@ -698,6 +801,11 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
     return corrected, measured
 
 
+def _prune_anchor_ks(layer: _Layer) -> set[int]:
+    """The kept channel counts at which a prunable layer's damage is computed exactly (``PRUNE_ANCHORS``)."""
+    return {round(f * layer.geometry.input_channels) for f in PRUNE_ANCHORS}
+
+
 def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: FitSettings) -> Decomposition:
     """The layer's fit at these settings; a new one goes on from a cached fit that they continue (a final fit from
     its planning fit: the same result as a fresh fit, without redoing the planning fit's sweeps)."""
@@ -716,7 +824,7 @@ def _rank_multiple(config: CompressConfig, device: torch.device) -> int:
 
 
 def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, multiple: int, progress: bool,
-             latency: LatencyModel | None = None) -> dict[str, list[Option]]:
+             latency: LatencyModel | None = None, model: nn.Module | None = None) -> dict[str, list[Option]]:
     """Planning options per layer: dense, every Σ-SVD rank (closed-form damages) and every rank of the
     iterative decompositions between the smallest and the largest anchor fraction. Those are fitted at the
     anchors only (``config.candidates``, ``config.candidate_iter`` sweeps); between anchors the damage is
@@ -738,8 +846,13 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
         for method in layer.methods:
             ladder = rank_ladder(method, g, multiple)
             anchors = {r for f in config.candidates if (r := ranks_for_fraction(method, g, f, metric, multiple))}
-            if latency is not None:
+            if latency is not None and method == "prune":  # the chain's layers with fewer channels, timed
+                chain, profile = layer.chain, layer.profile
+                measured = latency.pruned(lambda k: timed_parts(model, chain, profile, k), chain.channels, ladder)  # type: ignore[arg-type, union-attr]
+                measured = {r: dataclasses.replace(m, seconds=seconds["dense", ()] + m.seconds) for r, m in measured.items()}
+            elif latency is not None:
                 measured = latency.candidates(layer.module, layer.input_shape, method, ladder)
+            if latency is not None:
                 fast_enough = (1 - LATENCY_MIN_GAIN) * seconds["dense", ()]
                 ladder = [r for r in ladder if r in measured and measured[r].seconds < fast_enough]
                 seconds.update({(method, r): measured[r].seconds for r in ladder})
@@ -751,6 +864,10 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
                 opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in ladder]
                 continue
+            if method == "prune":
+                curve = prune_damage_curve(layer.problem, layer.sensitivity, settings, sorted(_prune_anchor_ks(layer)))
+                opts += [Option("prune", r, factorized_cost("prune", g, r), float(curve[r[0]])) for r in ladder]
+                continue
             points = []
             for ranks in sorted(anchors, key=lambda r: metric_of(factorized_cost(method, g, r), metric)):
                 approx = _fit_cached(layer, method, ranks, settings).reconstruct()
@@ -758,7 +875,9 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 points.append((metric_of(factorized_cost(method, g, ranks), metric), d))
             opts += _interpolated(method, g, ladder, points, metric)
         if latency is not None:
-            opts = [dataclasses.replace(o, cost=dataclasses.replace(o.cost, latency=_ns(seconds[o.method, o.ranks])))
+            # pruning's latency is the whole model's change (its producer's time saved too): it may be below zero
+            opts = [dataclasses.replace(o, cost=dataclasses.replace(o.cost, latency=round(seconds[o.method, o.ranks] * 1e9)
+                                                                    if o.method == "prune" else _ns(seconds[o.method, o.ranks])))
                     for o in opts]
         options[name] = opts
     return options
@@ -837,10 +956,11 @@ def _option_from_plan(name: str, layer: _Layer, entry: tuple[str, tuple[int, ...
     return Option(method, ranks, factorized_cost(method, layer.geometry, ranks))
 
 
-def _infeasible(target: Target, total: int, fixed: int, options: dict[str, list[Option]]) -> str:
-    cheapest = fixed + sum(min(metric_of(o.cost, target.metric) for o in opts) for opts in options.values())
+def _infeasible(target: Target, total: int, fixed: int, options: dict[str, list[Option]],
+                producers: dict[str, str] | None = None) -> str:
+    least = fixed + cheapest(options, target.metric, producers)
     return (f"impossible budget {target}: with every compressible layer at its smallest rank the model keeps "
-            f"{cheapest / total:.3f} of its {target.metric} ({cheapest:,} of {total:,}); choose a larger fraction")
+            f"{least / total:.3f} of its {target.metric} ({least:,} of {total:,}); choose a larger fraction")
 
 
 def _versions() -> dict[str, str]:
@@ -855,7 +975,8 @@ def _versions() -> dict[str, str]:
 
 
 def _report(config: CompressConfig, candidates: dict[str, nn.Module], stats: Statistics, skipped: dict[str, str],
-            entries: dict[str, dict], before: Cost, after: Cost, timings: dict[str, float], start: float) -> dict:
+            entries: dict[str, dict], before: Cost, after: Cost, timings: dict[str, float], start: float,
+            compressed: nn.Module) -> dict:
     layers = []
     for name, module in candidates.items():
         kind = {nn.Linear: "linear", nn.Conv2d: "conv2d"}.get(type(module), type(module).__name__)
@@ -872,7 +993,12 @@ def _report(config: CompressConfig, candidates: dict[str, nn.Module], stats: Sta
             entry.update(e, params_after=cost.params, macs_after=cost.macs)
         else:
             entry["skipped"] = skipped.get(name, "not selected")
-            if g is not None:
+            now = compressed.get_submodule(name)
+            if g is not None and getattr(now, MARK, False):  # a producer whose output channels were pruned
+                kept = now.weight.shape[0] / module.weight.shape[0]
+                entry.update(params_after=sum(p.numel() for p in now.parameters()),
+                             macs_after=round(entry["macs_before"] * kept))
+            elif g is not None:
                 entry.update(params_after=entry["params_before"], macs_after=entry["macs_before"])
         layers.append(entry)
     return {

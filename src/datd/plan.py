@@ -17,10 +17,10 @@ from pathlib import Path
 
 from .errors import DatdError
 from .io import read_json, write_json
-from .layers import FACTORIZED, Cost, Geometry, dense_cost
+from .layers import FACTORIZED, Cost, Geometry, dense_cost, pruned_cost
 
 PLAN_FORMAT = "datd-plan/1"
-METHODS = ("tucker2", "cp", "svd")
+METHODS = ("tucker2", "cp", "svd", "prune")
 METRICS = ("params", "macs", "latency")
 
 
@@ -61,16 +61,21 @@ def metric_of(cost: Cost, metric: str) -> int:
 @dataclass(frozen=True)
 class Option:
     """One way to treat a layer: ``method`` ('dense' keeps it), ``ranks``, its exact ``cost`` and a
-    predicted ``damage`` (non-negative; 0 for 'dense')."""
+    predicted ``damage`` (non-negative; 0 for 'dense'). An option of several layers decided together (``allocate``'s
+    producer–consumer units) is their sum, with ``parts``: (layer, option) of each."""
 
     method: str
     ranks: tuple[int, ...]
     cost: Cost
     damage: float = 0.0
+    parts: tuple[tuple[str, "Option"], ...] = ()
 
 
 def factorized_cost(method: str, geometry: Geometry, ranks: tuple[int, ...]) -> Cost:
-    """Exact cost of a factorized layer (the single definition lives on the layer classes)."""
+    """Exact cost of a compressed layer (the single definitions live on the layer classes and ``layers.pruned_cost``):
+    for 'prune', the change of the whole model's cost (the removed channels' producer included)."""
+    if method == "prune":
+        return pruned_cost(geometry, ranks[0])
     return FACTORIZED[method].cost(geometry, ranks)
 
 
@@ -83,6 +88,10 @@ def max_ranks(method: str, geometry: Geometry) -> tuple[int, ...]:
     """The largest meaningful ranks (per group) of ``method`` for a weight (T, S/G, kh, kw)."""
     n_out, n_in = _channels(geometry)
     p = geometry.kernel_positions
+    if method == "prune":
+        if not geometry.input_channels:
+            raise DatdError("this layer's input channels cannot be pruned (no producer feeds only them)")
+        return (geometry.input_channels,)
     if method == "svd":
         return (min(n_out, n_in * p),)
     if method == "tucker2":
@@ -105,6 +114,8 @@ def rank_ladder(method: str, geometry: Geometry, multiple: int = 1) -> list[tupl
         m = max(n_out, n_in)
         candidates = sorted({(_round_up(math.ceil(i * n_out / m), multiple, n_out),
                               _round_up(math.ceil(i * n_in / m), multiple, n_in)) for i in range(1, m + 1)})
+    elif method == "prune":  # every kept count below all of them (the model only shrinks as channels go)
+        candidates = ((k,) for k in range(multiple, max_ranks(method, geometry)[0], multiple))
     else:  # lazily: a CP rank bound is T·S·kh·kw, far beyond the ranks that make a layer smaller
         candidates = ((r,) for r in range(multiple, max_ranks(method, geometry)[0] + 1, multiple))
     ladder = []
@@ -163,18 +174,73 @@ def _lower_hull(options: list[Option], metric: str) -> list[Option]:
     return hull[::-1]
 
 
-def allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict[str, Option]:
+def _minkowski(first: list[Option], second: list[Option], metric: str) -> list[tuple[Option, Option]]:
+    """The lower convex hull of the sums of two layers' options, from their hulls (most expensive first): the
+    pairs a Lagrangian allocation of the two layers apart would choose, in its order (steps by least damage added
+    per unit saved)."""
+    def slope(hull: list[Option], i: int) -> float:
+        if i + 1 >= len(hull):
+            return math.inf
+        saved = metric_of(hull[i].cost, metric) - metric_of(hull[i + 1].cost, metric)
+        return (hull[i + 1].damage - hull[i].damage) / max(saved, 1)
+
+    i = j = 0
+    pairs = [(first[0], second[0])]
+    while i + 1 < len(first) or j + 1 < len(second):
+        if slope(first, i) <= slope(second, j):
+            i += 1
+        else:
+            j += 1
+        pairs.append((first[i], second[j]))
+    return pairs
+
+
+def _units(options: dict[str, list[Option]], producers: dict[str, str], metric: str) -> dict[str, list[Option]]:
+    """The allocation's units: each layer alone, except a consumer with 'prune' options and its producer
+    (``producers``: consumer → producer, both in ``options``), decided together: pruning removes the producer's
+    output channels, so it needs the producer dense. Their unit offers the two layers' other options combined
+    (``_minkowski``) and each prune option with the producer dense."""
+    units = dict(options)
+    for consumer, producer in producers.items():
+        if consumer not in options or producer not in options or not any(o.method == "prune" for o in options[consumer]):
+            continue
+        own = [o for o in options[consumer] if o.method != "prune"]
+        dense = next(o for o in options[producer] if o.method == "dense")
+        pairs = _minkowski(_lower_hull(options[producer], metric), _lower_hull(own, metric), metric)
+        pairs += [(dense, o) for o in options[consumer] if o.method == "prune"]
+        del units[consumer], units[producer]
+        units[f"{producer} + {consumer}"] = [
+            Option("joint", (), p.cost + c.cost, p.damage + c.damage, ((producer, p), (consumer, c))) for p, c in pairs]
+    return units
+
+
+def cheapest(options: dict[str, list[Option]], metric: str, producers: dict[str, str] | None = None) -> int:
+    """The least total ``metric`` any allocation of ``options`` reaches."""
+    return sum(min(metric_of(o.cost, metric) for o in opts) for opts in _units(options, producers or {}, metric).values())
+
+
+def allocate(options: dict[str, list[Option]], budget: int, metric: str,
+             producers: dict[str, str] | None = None) -> dict[str, Option]:
     """Choose one option per layer to minimize the total damage with the total cost ≤ ``budget``.
 
     Greedy on each layer's lower convex hull of (cost, damage): start from the least damaging option of
     every layer and repeatedly take the step down its hull with the least damage added per unit of cost
     saved (the Lagrangian solution of this separable problem), then spend what is left of the budget on
-    the upgrades that remove the most damage per unit of cost. Raises ValueError when even the cheapest
-    options exceed the budget."""
+    the upgrades that remove the most damage per unit of cost. ``producers`` (consumer → producer): layers that
+    are decided together (``_units``). Raises ValueError when even the cheapest options exceed the budget."""
+    units = _units(options, producers or {}, metric)
+    chosen = _allocate(units, budget, metric)
+    out: dict[str, Option] = {}
+    for name, option in chosen.items():
+        out.update(option.parts or ((name, option),))
+    return {name: out[name] for name in options}
+
+
+def _allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict[str, Option]:
     hulls = {name: _lower_hull(opts, metric) for name, opts in options.items()}
-    cheapest = sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
-    if cheapest > budget:
-        raise DatdError(f"budget infeasible: the cheapest choice costs {cheapest:,} {metric}, the budget is {budget:,}")
+    least = sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
+    if least > budget:
+        raise DatdError(f"budget infeasible: the cheapest choice costs {least:,} {metric}, the budget is {budget:,}")
     position = {name: 0 for name in hulls}
     total = sum(metric_of(h[0].cost, metric) for h in hulls.values())
 
@@ -221,14 +287,14 @@ CURVE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.33, 0.25)  # the 
 
 
 def damage_curve(options: dict[str, list[Option]], total: int, fixed: int, metric: str,
-                 fractions: tuple[float, ...] = CURVE_FRACTIONS) -> list[dict]:
+                 fractions: tuple[float, ...] = CURVE_FRACTIONS, producers: dict[str, str] | None = None) -> list[dict]:
     """What each whole-model budget would cost: for every fraction F of ``total`` (the model's params or MACs;
     ``fixed`` of it outside the options) the predicted damage (nats per image) of the allocation at F, or
     None where F is below the cheapest plan. Lets a report say which budgets stay harmless."""
     curve = []
     for fraction in fractions:
         try:
-            damage = sum(o.damage for o in allocate(options, int(fraction * total) - fixed, metric).values())
+            damage = sum(o.damage for o in allocate(options, int(fraction * total) - fixed, metric, producers).values())
         except ValueError:  # below the cheapest plan
             damage = None
         curve.append({"target": f"{metric}={fraction:g}", "damage": damage})
@@ -287,8 +353,9 @@ class LatencyBudget:
     scale: float = 1.0
 
     @classmethod
-    def of(cls, goal: float, fixed: int, options: dict[str, list[Option]]) -> "LatencyBudget":
-        return cls(goal, fixed, sum(min(o.cost.latency for o in opts) for opts in options.values()))
+    def of(cls, goal: float, fixed: int, options: dict[str, list[Option]],
+           producers: dict[str, str] | None = None) -> "LatencyBudget":
+        return cls(goal, fixed, cheapest(options, "latency", producers))
 
     @property
     def allowed(self) -> int:

@@ -5,10 +5,11 @@
 
 from .base import Decomposition, Grouped, khatri_rao, parts
 from .cp import CP, cp
+from .prune import Pruned, prune, prune_order
 from .svd import DEFAULT_SIGMA_REG, LowRank, spectrum, svd
 from .tucker2 import Tucker2, tucker2
 
 __all__ = [
-    "CP", "DEFAULT_SIGMA_REG", "Decomposition", "Grouped", "LowRank", "Tucker2", "cp", "khatri_rao", "parts", "spectrum",
-    "svd", "tucker2",
+    "CP", "DEFAULT_SIGMA_REG", "Decomposition", "Grouped", "LowRank", "Pruned", "Tucker2", "cp", "khatri_rao", "parts",
+    "prune", "prune_order", "spectrum", "svd", "tucker2",
 ]
