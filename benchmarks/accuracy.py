@@ -320,7 +320,8 @@ def imagenet(runner: Runner, names: list[str], images: int) -> None:
                        "layers": layers})
 
 
-MOBILENET_TARGETS = ["params=0.9", "params=0.7", "params=0.5", "macs=0.95", "macs=0.85", "macs=0.8"]
+MOBILENET_TARGETS = ["params=0.9", "params=0.7", "params=0.5", "macs=0.95", "macs=0.85", "macs=0.8", "latency=0.9",
+                     "latency=0.8"]
 MOBILENET_TRANSFER = ["params=0.7", "macs=0.85"]  # Σ from Tiny-ImageNet: the acceptance targets
 
 
@@ -352,6 +353,9 @@ def mobilenet(runner: Runner, targets: list[str], drawn: tuple[float, ...] = ())
                "held-out half (oracle)": held_out}
     runs = [(source, 1.0, t, "default") for source in sources
             for t in (targets if source == "imagenet half" else [t for t in targets if t in MOBILENET_TRANSFER])]
+    # the same without channel pruning (``prune=False``: the factorizations only, as before it existed)
+    runs += [(source, 1.0, t, "factorizations only") for source in ("imagenet half", "tinyimagenet32")
+             for t in targets if not t.startswith("latency") and (source == "imagenet half" or t in MOBILENET_TRANSFER)]
     # drawn positions (``positions``), against all positions in the same run
     runs += [("imagenet half", p, t, f"positions {p:g}") for p in ((1.0,) + drawn if drawn else ()) for t in MOBILENET_TRANSFER]
     cache: dict[tuple, tuple[Statistics, float]] = {}
@@ -371,12 +375,14 @@ def mobilenet(runner: Runner, targets: list[str], drawn: tuple[float, ...] = ())
         stats, stats_seconds = statistics(source, fraction)
         extra = drawn_record(stats, fraction, lambda: statistics(source, 1.0))
         start = time.perf_counter()
-        compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False,
-                                           measure_latency=False, **DEFAULT)
+        compressed, report = datd.compress(model, data, target=target, stats=stats, progress=False, **DEFAULT,
+                                           prune=label != "factorizations only")
         runner.record({
             "key": key, "section": "mobilenet", "model": name, "label": label, "target": target,
             "stats_data": source, "accuracy_before": base, "accuracy": accuracy(compressed, held_out, progress=False),
             "params_ratio": report["params_ratio"], "macs_ratio": report["macs_ratio"],
+            "latency_ratio": report["latency"]["ratio"], "latency": {k: report["latency"].get(k) for k in (
+                "batch", "threads", "memory_format", "original_s", "compressed_s", "ratio")},
             "seconds": time.perf_counter() - start, "stats_seconds": stats_seconds, "timings": report["timings"],
             **extra,
             "layers": [{k: l.get(k) for k in ("name", "method", "ranks", "sigma_error", "damage", "damage_measured",
@@ -439,16 +445,17 @@ def plots(rows: list[dict]) -> list[str]:
             fig.savefig(path, dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append(path.name)
-    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] == "default"]
+    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] in ("default", "factorizations only")]
     if mobile:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         base = next((100 * r["accuracy"] for r in rows if r["section"] == "mobilenet" and r["label"] == "original"), None)
         for ax, metric in zip(axes, ("params", "macs")):
-            for source in sorted({r["stats_data"] for r in mobile}):
+            for source, label in sorted({(r["stats_data"], r["label"]) for r in mobile}):
                 pts = sorted((r[f"{metric}_ratio"], 100 * r["accuracy"]) for r in mobile
-                             if r["stats_data"] == source and r["target"].startswith(metric))
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"datd default, Σ from {source}")
+                             if (r["stats_data"], r["label"]) == (source, label) and r["target"].startswith(metric))
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), marker="o", ls="-" if label == "default" else "--",
+                            label=f"datd {'default' if label == 'default' else 'without pruning'}, Σ from {source}")
             if base:
                 ax.axhline(base, color="gray", ls=":", label=f"original {base:.1f}%")
             ax.set_xlabel(f"{metric} kept (fraction)")
@@ -463,11 +470,11 @@ def plots(rows: list[dict]) -> list[str]:
     for r in default:
         layers = [l for l in r["layers"] if l.get("params_before")]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.2 * len(layers)), 5.5), sharex=True)
-        colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green"}
+        colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green", "prune": "tab:purple"}
         top.bar(range(len(layers)), [l["params_after"] / l["params_before"] for l in layers],
                 color=[colors.get(l["method"], "lightgray") for l in layers])
         top.set_ylabel("kept params")
-        top.set_title(f"{r['model']} default at params=0.5 (blue Tucker-2, orange CP, green SVD, grey kept)")
+        top.set_title(f"{r['model']} default at params=0.5 (blue Tucker-2, orange CP, green SVD, purple pruned, grey kept)")
         bottom.bar(range(len(layers)), [l["sigma_error"] or 0 for l in layers], color="tab:red")
         bottom.set_ylabel("relative Σ-error")
         bottom.set_xticks(range(len(layers)), [l["name"] for l in layers], rotation=90, fontsize=5)
@@ -576,23 +583,30 @@ def markdown(rows: list[dict], env: dict, figures: list[str]) -> str:
             out.append(f"| {r['model']} | {r['images']} | {len(ls)} | {a:.4f} | {f:.4f} | {better}/{len(ls)} | "
                        f"{r['stats_seconds']:.1f} | {r['sigma_fit_seconds']:.1f} |")
         out.append("")
-    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] == "default"]
+    mobile = [r for r in rows if r["section"] == "mobilenet" and r["label"] in ("default", "factorizations only")]
     if mobile:
         base = next((r["accuracy"] for r in rows if r["section"] == "mobilenet" and r["label"] == "original"), None)
         out += [f"### MobileNetV2, real ImageNet weights (original {_pct(base)} on the held-out half)", "",
                 "Calibration: a seeded half (500 images) of the ImageNet sample, or 1,000 Tiny-ImageNet images "
                 "upscaled to 224 (Σ transfer); top-1 on the other 500 images; `datd compress` defaults "
-                "(probes on, Σ shrinkage chosen by cross-validation); seconds = compress with statistics "
-                "precomputed. Before the cross-validated shrinkage (commit b4efe26) the imagenet-half rows were "
-                "81.6 / 71.8 / 29.2 at params 0.9 / 0.7 / 0.5 and 78.2 / 63.0 / 51.2 at macs 0.95 / 0.85 / 0.8. The "
-                "CIFAR rows above predate it; there it keeps α ≈ 0 (ResNet-20 params=0.25 re-measured: 88.15, "
-                "was 88.12). *held-out half (oracle)*: statistics, sensitivities and probes from the 500 evaluation "
-                "images themselves — not a result but a ceiling: how much better the same method could do if Σ "
-                "were estimated perfectly for the images it is scored on.", "",
-                "| target | Σ from | achieved params | achieved MACs | top-1 | Δ | seconds |", "|---|---|---|---|---|---|---|"]
-        for r in sorted(mobile, key=lambda r: (r["target"].split("=")[0], -float(r["target"].split("=")[1]), r["stats_data"])):
-            out.append(f"| {r['target']} | {r['stats_data']} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
-                       f"{_pct(r['accuracy'])} | {100 * (r['accuracy'] - base):+.2f} | {r['seconds']:.0f} |")
+                "(probes on, Σ shrinkage chosen by cross-validation, channel pruning among the methods); seconds = "
+                "compress with statistics precomputed; latency = the compressed model's measured time over the "
+                "original's, both with BatchNorms folded (batch 32, this machine's threads, interleaved medians). "
+                "Before channel pruning (commit fe3ea5f, factorizations only) the imagenet-half rows were 82.8 / 73.6 / "
+                "28.4 at params 0.9 / 0.7 / 0.5 and 80.6 / 68.0 / 53.0 at macs 0.95 / 0.85 / 0.8, and no latency "
+                "target kept the network usable; before the cross-validated shrinkage (b4efe26) 81.6 / 71.8 / 29.2 and "
+                "78.2 / 63.0 / 51.2. *held-out half (oracle)*: statistics, sensitivities and probes from the 500 "
+                "evaluation images themselves — not a result but a ceiling: how much better the same method could do "
+                "if Σ were estimated perfectly for the images it is scored on.", "",
+                "*factorizations only*: the same run with `prune=False` (`--no-prune`).", "",
+                "| target | Σ from | methods | achieved params | achieved MACs | measured latency | top-1 | Δ | seconds |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(mobile, key=lambda r: (r["target"].split("=")[0], -float(r["target"].split("=")[1]), r["stats_data"],
+                                               r["label"])):
+            latency = f"{r['latency_ratio']:.3f}" if "latency_ratio" in r else "—"
+            methods = "with pruning" if r["label"] == "default" else r["label"]
+            out.append(f"| {r['target']} | {r['stats_data']} | {methods} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
+                       f"{latency} | {_pct(r['accuracy'])} | {100 * (r['accuracy'] - base):+.2f} | {r['seconds']:.0f} |")
         out.append("")
     drawn = [r for r in rows if r["section"] in ("positions", "mobilenet") and r["label"].startswith("positions ")]
     if drawn:

@@ -30,6 +30,7 @@ from _common import env_lines, environment, read_results, update_section, write_
 from torch import nn
 
 import datd
+from datd.channels import find_chains
 from datd.evaluate import module_macs
 from datd.models import load_model
 from datd.surgery import candidate_layers, skip_reason
@@ -61,6 +62,8 @@ def coverage(name: str) -> dict:
         macs[id(module)] = macs.get(id(module), 0) + module_macs(module, output)
 
     layers = candidate_layers(model)
+    chains = find_chains(model)
+    in_chains = {n for c in chains.values() for n in (c.producer, *c.between, c.consumer)}  # shrink when pruned
     handles = [m.register_forward_hook(hook) for m in layers.values()]
     with torch.no_grad():
         model(torch.randn(1, 3, size, size))
@@ -69,11 +72,13 @@ def coverage(name: str) -> dict:
     total_params = sum(p.numel() for p in model.parameters())
     total_macs = sum(macs.values())
     reasons: Counter = Counter()
-    params_ok = macs_ok = macs_depthwise = 0
-    for module in layers.values():
+    params_ok = macs_ok = macs_depthwise = macs_pruning = macs_factorizing = 0
+    for name, module in layers.items():
         reason = skip_reason(module, datd.CompressConfig().min_params)
         m = macs.get(id(module), 0)
-        if reason is None:
+        macs_pruning += m if name in in_chains else 0
+        macs_factorizing += m if reason is None else 0
+        if reason is None or name in in_chains:
             params_ok += sum(p.numel() for p in module.parameters(recurse=False))
             macs_ok += m
         else:
@@ -84,7 +89,8 @@ def coverage(name: str) -> dict:
         reasons["never called"] += len(never_called)
     return {"params": total_params, "macs": total_macs, "params_compressible": params_ok / total_params,
             "macs_compressible": macs_ok / max(total_macs, 1), "macs_depthwise": macs_depthwise / max(total_macs, 1),
-            "skipped": dict(reasons), "size": size}
+            "macs_factorizable": macs_factorizing / max(total_macs, 1), "macs_prunable": macs_pruning / max(total_macs, 1),
+            "chains": len(chains), "skipped": dict(reasons), "size": size}
 
 
 def compress_run(name: str, target: str) -> dict:
@@ -105,13 +111,16 @@ def markdown(rows: list[dict], env: dict) -> str:
     runs = {(r["model"], r["target"]): r for r in rows if r["kind"] == "compress"}
     out = ["## Zoo coverage (`benchmarks/zoo.py`)", "",
            "Random weights. *compressible*: the share of the model's parameters / Conv2d+Linear MACs (one 224×224 "
-           "image, 299 for Inception v3) in layers datd can factorize; *depthwise*: the share of MACs in depthwise "
-           "convolutions (kept dense: nothing to factorize); skipped: why the other layers were left alone. For one "
+           "image, 299 for Inception v3) in layers datd can factorize or shrink by channel pruning (*factorizable* "
+           "and *prunable*: each alone; a prunable layer is the producer, a depthwise conv or other per-channel "
+           "layer between, or the consumer of a chain, `datd.channels`); *depthwise*: the share of MACs in "
+           "depthwise convolutions outside any chain (kept dense: nothing to factorize); skipped: why the other "
+           "layers were left alone. For one "
            "member per family: `compress` to params=0.5 / macs=0.5 on 8 random 64×64 images (96 for Inception v3) "
            "with 2-sweep fits: achieved ratios and seconds (statistics, sensitivities, probes, planning, fits).", "",
-           "| model | params (M) | GMACs | compressible params | compressible MACs | depthwise MACs | skipped | "
-           + ("params=0.5: achieved (s) | macs=0.5: achieved (s) |" if runs else ""),
-           "|---|---|---|---|---|---|---|" + ("---|---|" if runs else "")]
+           "| model | params (M) | GMACs | compressible params | compressible MACs | factorizable MACs | prunable MACs "
+           "| depthwise MACs | skipped | " + ("params=0.5: achieved (s) | macs=0.5: achieved (s) |" if runs else ""),
+           "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if runs else "")]
     for name, r in cov.items():
         skipped = ", ".join(f"{k} ×{v}" for k, v in sorted(r["skipped"].items())) or "—"
         cells = []
@@ -119,8 +128,10 @@ def markdown(rows: list[dict], env: dict) -> str:
             run = runs.get((name, target))
             metric = target.split("=")[0]
             cells.append("—" if run is None else run.get("error") or f"{run[metric + '_ratio']:.3f} ({run['seconds']:.0f})")
+        split = (f"{100 * r['macs_factorizable']:.1f}% | {100 * r['macs_prunable']:.1f}%" if "macs_prunable" in r
+                 else "— | —")
         out.append(f"| {name} | {r['params'] / 1e6:.1f} | {r['macs'] / 1e9:.2f} | {100 * r['params_compressible']:.1f}% | "
-                   f"{100 * r['macs_compressible']:.1f}% | {100 * r['macs_depthwise']:.1f}% | {skipped} |"
+                   f"{100 * r['macs_compressible']:.1f}% | {split} | {100 * r['macs_depthwise']:.1f}% | {skipped} |"
                    + (f" {cells[0]} | {cells[1]} |" if runs else ""))
     if not runs:
         out += ["", "The compress columns (achieved ratios, seconds) have not been run yet; every model of "
@@ -128,8 +139,9 @@ def markdown(rows: list[dict], env: dict) -> str:
     low = [n for n, r in cov.items() if r["macs_compressible"] < 0.9]
     out += ["", "Below 90% of MACs compressible: " + (", ".join(
         f"{n} ({100 * cov[n]['macs_compressible']:.1f}%; depthwise {100 * cov[n]['macs_depthwise']:.1f}%)" for n in low)
-        or "none") + ". The rest of their MACs sit in layers under `min_params` (1000 weights: stems with 3 input "
-        "channels at full resolution, squeeze-excitation and the narrowest 1×1 layers).", "", env_lines(env)]
+        or "none") + ". The rest of their MACs sit in depthwise convolutions outside prunable chains and in layers "
+        "under `min_params` (1000 weights) that no chain reaches (stems whose output also feeds a residual, "
+        "squeeze-excitation gates).", "", env_lines(env)]
     return "\n".join(out) + "\n"
 
 

@@ -346,3 +346,18 @@ def test_a_resumed_run_restores_pruned_layers(setup, tmp_path):
     assert resumed["resumed"]["fits"] == sum("method" in l for l in report["layers"])
     state, restored = first.state_dict(), again.state_dict()
     assert state.keys() == restored.keys() and all(torch.equal(state[k], restored[k]) for k in state)
+
+
+def test_pruning_respects_the_layer_filter_and_propagated_fits(setup, tmp_path):
+    """A producer the user's ``filter_fn`` leaves out keeps its channels (no chain into it); pruned layers are fitted
+    with error-compensating statistics too (``propagate``), and reload to the same outputs."""
+    model, calib, _ = setup
+    _, report = datd.compress(model, calib, target="macs=0.7", method="prune", filter_fn=lambda m, n: n != "features.0",
+                              **FAST)
+    assert all(l["pruned"]["producer"] != "features.0" for l in report["layers"] if l.get("method") == "prune")
+    compressed, report = datd.compress(model, calib, target="macs=0.7", method="prune", propagate=True, **FAST)
+    pruned = [l for l in report["layers"] if l.get("method") == "prune"]
+    assert pruned and all(l["propagated"] for l in pruned)
+    assert report["macs_after"] <= 0.7 * report["macs_before"]
+    datd.save(compressed, tmp_path / "m")
+    assert torch.equal(datd.load(tmp_path / "m", SmallNet())(calib[0]), compressed(calib[0]))

@@ -1,5 +1,6 @@
 """Budget parsing, rank ladders and the global allocation."""
 
+import dataclasses
 import itertools
 import random
 
@@ -153,3 +154,62 @@ def test_latency_budget_correction():
     assert LatencyBudget.of(goal=50, fixed=20, options=options).allowed == 70
     chosen = allocate(options, corrected.allowed, "latency")
     assert sum(o.cost.latency for o in chosen.values()) <= 100
+
+
+def _joint_case(seed):
+    """Two producer/consumer pairs and an unrelated layer with factorization options (damage growing as the rank
+    falls), and prune options on each consumer keeping k of 8 channels, whose cost counts the producer's removed
+    channels too (linear in k, below zero for small k)."""
+    rng = random.Random(seed)
+    options = {}
+    for name in ("p1", "c1", "p2", "c2", "other"):
+        dense = rng.randint(500, 2000)
+        opts = [Option("dense", (), Cost(dense, dense), 0.0)]
+        opts += [Option("svd", (r,), Cost(int(dense * r / 6), 0), rng.uniform(0.5, 2) * (6 - r) ** 2) for r in range(1, 6)]
+        options[name] = opts
+    for consumer, producer in (("c1", "p1"), ("c2", "p2")):
+        dense, upstream = options[consumer][0].cost.params, options[producer][0].cost.params / 8
+        scale = rng.uniform(0.3, 3)
+        options[consumer] += [Option("prune", (k,), Cost(int(dense * k / 8 - (8 - k) * upstream), 0), scale * (8 - k) ** 2)
+                              for k in range(1, 8)]
+    return options
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_pruned_consumer_keeps_its_producer_dense_and_the_joint_allocation_is_near_optimal(seed):
+    """``producers``: pruning a consumer removes its producer's channels, so the two are decided together: never a
+    prune option beside a factorized producer, the budget kept, and the total damage near the best feasible
+    combination (brute force over the allowed choices)."""
+    options = _joint_case(seed)
+    producers = {"c1": "p1", "c2": "p2"}
+    total = sum(o[0].cost.params for o in options.values())
+    pairs = {c: [(p, q) for p in options[producers[c]] for q in options[c] if q.method != "prune" or p.method == "dense"]
+             for c in producers}
+    for fraction in (0.3, 0.5, 0.7):
+        budget = int(fraction * total)
+        chosen = allocate(options, budget, "params", producers)
+        assert set(chosen) == set(options)
+        assert sum(o.cost.params for o in chosen.values()) <= budget
+        for consumer, producer in producers.items():
+            if chosen[consumer].method == "prune":
+                assert chosen[producer].method == "dense"
+        best = min(sum(o.damage for o in (*a, *b, c)) for a, b, c in itertools.product(pairs["c1"], pairs["c2"], options["other"])
+                   if sum(o.cost.params for o in (*a, *b, c)) <= budget)
+        assert sum(o.damage for o in chosen.values()) <= 1.25 * best + 1e-9
+
+
+def test_a_joint_unit_whose_pruning_never_pays_allocates_like_two_layers():
+    """A producer–consumer unit offers the two layers' other options combined (the lower hull of their sums): where
+    its prune options are never worth taking the allocation is as good as that of the two layers apart."""
+    for seed in range(6):
+        options = _joint_case(seed)
+        useless = {c: [dataclasses.replace(o, damage=o.damage + 1e6) if o.method == "prune" else o for o in options[c]]
+                   for c in ("c1", "c2")}
+        apart = {**options, **{c: [o for o in options[c] if o.method != "prune"] for c in ("c1", "c2")}}
+        total = sum(o[0].cost.params for o in options.values())
+        for fraction in (0.3, 0.5, 0.7):
+            budget = int(fraction * total)
+            separate = sum(o.damage for o in allocate(apart, budget, "params").values())
+            together = allocate({**options, **useless}, budget, "params", {"c1": "p1", "c2": "p2"})
+            assert all(o.method != "prune" for o in together.values())
+            assert sum(o.damage for o in together.values()) <= 1.05 * separate + 1e-9

@@ -11,9 +11,10 @@ before a classifier.
 
 Chains are found on a ``torch.fx`` trace (a model that cannot be traced has none). ``profile_chains`` counts what
 one channel of a chain costs upstream of Q (parameters and multiply-adds of P's output channel and of the per-channel
-modules between), with ``datd.evaluate``'s definitions, and records the shapes its modules are timed at. ``prune_chain`` shrinks the modules of a chain in place;
-each shrunk module is marked, so that a saved model records its new sizes (``channel_sizes``) and ``resize``
-rebuilds them on the original architecture before its weights are loaded.
+modules between), with ``datd.evaluate``'s definitions, and records the shapes its modules are timed at.
+``prune_chain`` shrinks the modules of a chain in place; each shrunk module is marked, so that a saved model records
+its new sizes (``channel_sizes``) and ``apply_sizes`` rebuilds them on the original architecture before its weights
+are loaded.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ _CHANNELWISE_FUNCTIONS = {
     torch.nn.functional.tanh,
 }
 _CHANNELWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous"}
+# Of those, the element-wise activations: one pass over the tensor each at inference (BatchNorms fold into convs,
+# dropout and identities vanish), which a pruned channel no longer costs (``timed_parts``).
+_ACTIVATION_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.PReLU,
+)
+_ACTIVATION_FUNCTIONS = _CHANNELWISE_FUNCTIONS - {
+    F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
 @dataclass(frozen=True)
@@ -54,13 +63,15 @@ class Chain:
     """``producer`` → channel-wise operations → ``consumer`` (qualified module names). ``between``: the modules on
     the way that hold per-channel state (BatchNorm, depthwise conv, PReLU), shrunk with the channels;
     ``channels``: H, the channels that flow; ``block``: the consumer's weight columns per channel (kh·kw for a
-    conv; h·w for a Linear reading flattened h×w maps; 1 otherwise)."""
+    conv; h·w for a Linear reading flattened h×w maps; 1 otherwise); ``activations``: for each element-wise
+    activation on the way, the producer or depthwise conv whose output it follows (for timing)."""
 
     producer: str
     consumer: str
     between: tuple[str, ...]
     channels: int
     block: int
+    activations: tuple[str, ...] = ()
 
 
 def _is_ungrouped(module: nn.Module) -> bool:
@@ -100,7 +111,8 @@ def find_chains(model: nn.Module, consumers: set[str] | None = None) -> dict[str
     chains: dict[str, Chain] = {}
     claimed: set[str] = set()
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or (consumers is not None and node.target not in consumers):
+        wanted = consumers is None or node.target in consumers
+        if node.op != "call_module" or calls[node.target] != 1 or not wanted:
             continue
         consumer = modules[node.target]
         if not _is_ungrouped(consumer) or not node.args or not isinstance(node.args[0], torch.fx.Node):
@@ -117,6 +129,8 @@ def _walk_back(consumer_node: torch.fx.Node, modules: dict[str, nn.Module], call
     """The chain ending at ``consumer_node``, or None."""
     consumer = modules[consumer_node.target]
     between: list[str] = []
+    activations: list[str] = []
+    pending = 0  # activations seen since the last conv (walking upstream): they follow the next conv up
     flattened = False
     node = consumer_node.args[0]
     while True:
@@ -124,15 +138,22 @@ def _walk_back(consumer_node: torch.fx.Node, modules: dict[str, nn.Module], call
             return None
         if node.op == "call_module":
             module = modules[node.target]
-            if isinstance(module, (nn.Conv2d, nn.Linear)) and not (isinstance(module, nn.Conv2d) and is_depthwise(module)):
+            depthwise = isinstance(module, nn.Conv2d) and is_depthwise(module)
+            pending += isinstance(module, _ACTIVATION_MODULES)
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and not depthwise:
                 if calls[node.target] != 1 or not _is_ungrouped(module):
                     return None
-                return _chain(node.target, module, consumer_node.target, consumer, tuple(between[::-1]), flattened)
+                activations += [node.target] * pending
+                return _chain(node.target, module, consumer_node.target, consumer, tuple(between[::-1]), flattened,
+                              tuple(activations[::-1]))
             if isinstance(module, nn.Conv2d):  # depthwise: channel-wise if one filter per channel
                 if module.out_channels != module.in_channels or calls[node.target] != 1:
                     return None
                 between.append(node.target)
-            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)) or (isinstance(module, nn.PReLU) and module.num_parameters > 1):
+                activations += [node.target] * pending
+                pending = 0
+            elif isinstance(module, (nn.BatchNorm2d, nn.BatchNorm1d)) or \
+                    (isinstance(module, nn.PReLU) and module.num_parameters > 1):
                 if calls[node.target] != 1:
                     return None
                 between.append(node.target)
@@ -143,11 +164,11 @@ def _walk_back(consumer_node: torch.fx.Node, modules: dict[str, nn.Module], call
             elif not isinstance(module, _CHANNELWISE_MODULES + (nn.PReLU,)):
                 return None
         elif node.op == "call_function" and node.target in _CHANNELWISE_FUNCTIONS and _constant_args(node):
-            pass
+            pending += node.target in _ACTIVATION_FUNCTIONS
         elif node.op == "call_function" and node.target is torch.flatten and _flattens(node):
             flattened = True
         elif node.op == "call_method" and node.target in _CHANNELWISE_METHODS and _constant_args(node):
-            pass
+            pending += node.target != "contiguous"
         elif node.op == "call_method" and node.target == "flatten" and _flattens(node):
             flattened = True
         elif node.op == "call_function" and node.target is operator.getitem:
@@ -158,7 +179,7 @@ def _walk_back(consumer_node: torch.fx.Node, modules: dict[str, nn.Module], call
 
 
 def _chain(producer: str, p: nn.Module, consumer: str, q: nn.Module, between: tuple[str, ...],
-           flattened: bool) -> Chain | None:
+           flattened: bool, activations: tuple[str, ...]) -> Chain | None:
     channels = _out_channels(p)
     if isinstance(q, nn.Conv2d):
         if q.in_channels != channels:
@@ -168,17 +189,19 @@ def _chain(producer: str, p: nn.Module, consumer: str, q: nn.Module, between: tu
         if q.in_features % channels or (q.in_features != channels and not flattened):
             return None
         block = q.in_features // channels
-    return Chain(producer, consumer, between, channels, block) if channels > 1 else None
+    return Chain(producer, consumer, between, channels, block, activations) if channels > 1 else None
 
 
 @dataclass(frozen=True)
 class ChainProfile:
     """What one channel of a chain costs upstream of its consumer (``unit``: parameters, and multiply-adds per sample
     as ``datd.evaluate.count_macs`` counts them) and the per-sample input shape of each module of the chain
-    (``shapes``: name -> (1, C, H, W) or (1, F)), for timing it."""
+    (``shapes``: name -> (1, C, H, W) or (1, F)) and of the producer's and depthwise convs' outputs (``outputs``),
+    for timing it."""
 
     unit: Cost
     shapes: dict[str, tuple[int, ...]]
+    outputs: dict[str, tuple[int, ...]]
 
 
 @torch.no_grad()
@@ -187,10 +210,12 @@ def profile_chains(model: nn.Module, chains: dict[str, Chain], example: Tensor) 
     wanted = {n for c in chains.values() for n in (c.producer, *c.between, c.consumer)}
     macs: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    outputs: dict[str, tuple[int, ...]] = {}
 
     def record(name: str, module: nn.Module, args: tuple, out: Tensor) -> None:
         macs[name] = module_macs(module, out) // example.shape[0]
         shapes[name] = (1,) + tuple(args[0].shape[1:])
+        outputs[name] = (1,) + tuple(out.shape[1:])
 
     handles = [m.register_forward_hook(lambda m, a, o, name=name: record(name, m, a, o))
                for name, m in model.named_modules() if name in wanted]
@@ -207,14 +232,20 @@ def profile_chains(model: nn.Module, chains: dict[str, Chain], example: Tensor) 
         names = (chain.producer, *chain.between)
         params = sum(count_params(model.get_submodule(n)) for n in names)
         unit = Cost(params // chain.channels, sum(macs.get(n, 0) for n in names) // chain.channels)
-        out[consumer] = ChainProfile(unit, {n: shapes[n] for n in (*names, consumer) if n in shapes})
+        out[consumer] = ChainProfile(unit, {n: shapes[n] for n in (*names, consumer) if n in shapes},
+                                     {n: outputs[n] for n in names if n in outputs})
     return out
 
 
-def timed_parts(model: nn.Module, chain: Chain, profile: ChainProfile, kept: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
-    """The chain's convolutions and Linears (BatchNorms fold into them at inference) with ``kept`` of its channels,
-    each with its input shape: what ``datd.latency.LatencyModel.pruned`` times (``kept`` = H: as they are)."""
-    parts = []
+def timed_parts(model: nn.Module, chain: Chain, profile: ChainProfile,
+                kept: int) -> list[tuple[nn.Module, tuple[int, ...]]]:
+    """The chain's convolutions and Linears (BatchNorms fold into them at inference) and its element-wise
+    activations with ``kept`` of its channels, each with its input shape: what ``datd.latency.LatencyModel.pruned``
+    times (``kept`` = H: as they are)."""
+    parts: list[tuple[nn.Module, tuple[int, ...]]] = []
+    for name in chain.activations:  # one pass over the producer's or a depthwise conv's output each
+        shape = profile.outputs[name]
+        parts.append((nn.ReLU(), (1, kept) + shape[2:]))
     for name in (chain.producer, *chain.between, chain.consumer):
         module, shape = model.get_submodule(name), profile.shapes[name]
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -339,5 +370,5 @@ def prune_chain(model: nn.Module, chain: Chain, kept: Tensor, weight: Tensor, bi
     replace_module(model, chain.consumer, new)
 
 
-__all__ = ["MARK", "Chain", "ChainProfile", "apply_sizes", "channel_sizes", "find_chains", "module_sizes", "profile_chains",
-           "prune_chain", "resize", "timed_parts", "with_bias"]
+__all__ = ["MARK", "Chain", "ChainProfile", "apply_sizes", "channel_sizes", "find_chains", "module_sizes",
+           "profile_chains", "prune_chain", "resize", "timed_parts", "with_bias"]

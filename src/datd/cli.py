@@ -156,7 +156,9 @@ def _budgets(scale: str) -> dict:
               help="whole-model budget: params=F, macs=F or latency=F (measured time of the inference form at "
                    "--latency-batch on --device), F a fraction of the original in (0, 1)")
 @click.option("--method", type=click.Choice(METHODS + ("auto",)), default=DEFAULTS.method, show_default=True,
-              help="decomposition; auto picks per layer the one with the least predicted damage")
+              help="decomposition; auto picks per layer the one with the least predicted damage, channel pruning "
+                   "(prune: a layer reads fewer input channels, refitted, and their producer loses them) included; "
+                   "prune alone keeps every other layer dense")
 @click.option("--norm", type=click.Choice(["sigma", "frobenius"]), default=DEFAULTS.norm, show_default=True,
               help="fit in the data-aware Σ-norm or the classical Frobenius norm")
 @click.option("--ranks", default=DEFAULTS.ranks, show_default=True,
@@ -187,6 +189,9 @@ def _budgets(scale: str) -> dict:
 @click.option("--shrinkage", default=DEFAULTS.shrinkage, show_default=True,
               help="trust in each layer's Σ: cv (shrinkage towards the identity chosen per layer by two-fold "
                    "cross-validation over the calibration images) or a fixed α in [0, 1] (0: the sample Σ)")
+@click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
+              help="with --method auto, offer channel pruning among the options (--no-prune: factorizations only, "
+                   "every layer keeps its channel counts; safer with statistics from another data set)")
 @click.option("--propagate/--no-propagate", default=DEFAULTS.propagate, show_default=True,
               help="fit each layer to the inputs it receives from the already compressed layers before it "
                    "(one extra pass over the calibration images per layer)")
@@ -202,14 +207,14 @@ def _budgets(scale: str) -> dict:
                    "the result is the one the uninterrupted run would have given")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, propagate, fit_budget,
-                     positions, overwrite, resume, **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, prune, propagate,
+                     fit_budget, positions, overwrite, resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                            propagate=propagate, positions=positions, **_budgets(fit_budget))
+                            prune=prune, propagate=propagate, positions=positions, **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)

@@ -222,6 +222,8 @@ def layer_signature(layer: nn.Module, input_shape: tuple[int, ...]) -> str:
                 f"pm={layer.padding_mode} in={tuple(input_shape)}")
     if isinstance(layer, nn.Linear):
         return f"linear {layer.in_features}->{layer.out_features} in={tuple(input_shape)}"
+    if isinstance(layer, nn.ReLU):  # what an element-wise activation costs (``datd.channels.timed_parts``)
+        return f"elementwise in={tuple(input_shape)}"
     raise TypeError(f"no latency model for {type(layer).__name__}")
 
 
@@ -345,6 +347,8 @@ class LatencyModel:
 
 def _dense_copy(layer: nn.Module) -> nn.Module:
     """A copy of ``layer``'s structure with a bias (BatchNorm folding gives every conv one)."""
+    if isinstance(layer, nn.ReLU):
+        return nn.ReLU()
     if isinstance(layer, nn.Conv2d):
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
                          padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=True,

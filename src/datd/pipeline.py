@@ -30,7 +30,7 @@ from .channels import (
     MARK, Chain, ChainProfile, find_chains, module_sizes, profile_chains, prune_chain, resize, timed_parts, with_bias,
 )
 from .checkpoint import Checkpoint, model_digest
-from .decompose import DEFAULT_SIGMA_REG, Decomposition
+from .decompose import DEFAULT_SIGMA_REG, Decomposition, Pruned
 from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
@@ -79,7 +79,7 @@ class CompressConfig:
         factorization there, and the Σ-SVD is its closed-form optimum). 'prune' (``datd.channels``) removes input
         channels of a layer whose producer feeds only it, with the layer refitted on the channels it keeps
         (``datd.decompose.prune``) and the producer's channels removed: with 'auto' it competes with the
-        factorizations (for params/macs targets); alone it compresses by pruning only, every other layer dense.
+        factorizations (unless ``prune`` is False); alone it compresses by pruning only, every other layer dense.
     norm: 'sigma' (fit ‖(W − W̃)Σ^{1/2}‖) or 'frobenius' (fit ‖W − W̃‖, the classical baseline).
     ranks: 'auto' (data-aware global allocation), 'uniform' (the same reduction ratio in every layer) or
         the path of a plan JSON.
@@ -115,6 +115,8 @@ class CompressConfig:
     shrinkage: how far each layer's Σ is trusted: 'cv' (per layer, the shrinkage towards the identity with the
         least two-fold cross-validated error over the calibration images, ``datd.shrinkage``) or a fixed α in
         [0, 1] ('0': the sample Σ as it is; '1': the Frobenius norm with bias correction).
+    prune: with method 'auto', offer channel pruning among each prunable layer's options (False: factorizations
+        only, every layer keeps its channel counts).
     propagate: fit the chosen layers in call order, each to reproduce the original layer's outputs from the
         inputs it receives in the model compressed so far (``datd.propagate``; one paired forward pass over the
         calibration images per ``propagate_group`` layers). The plan is unchanged: same ranks, same cost.
@@ -151,6 +153,7 @@ class CompressConfig:
     probe_images: int = 64
     probe_rounds: int = 3
     shrinkage: str = "cv"
+    prune: bool = True
     propagate: bool = False
     propagate_group: int = 1
     propagate_ridge: float = DEFAULT_RIDGE
@@ -289,8 +292,7 @@ def compress(
             skipped[name] = reason
     # pruning a layer's input channels saves what produces them, whatever the layer's own size: layers too small to
     # factorize may still prune (their statistics are collected)
-    chains, profiles = _chains(original, [n for n, m in candidates.items() if skip_reason(m, 0) is None], config, target,
-                            first)
+    chains, profiles = _chains(original, candidates, config, first)
     for name in chains:
         skipped.pop(name, None)
     wanted = [n for n in candidates if n not in skipped]
@@ -435,10 +437,12 @@ def compress(
     for name, option in choice.items():
         if (option.method, option.ranks) in probed.get(name, {}):
             entries[name]["damage_measured"] = probed[name][option.method, option.ranks]
-        if option.method == "prune":
-            chain = layers[name].chain
-            skipped[chain.producer] = (f"kept dense; its output channels pruned with '{name}' ({option.ranks[0]} of "  # type: ignore[union-attr]
-                                       f"{chain.channels} kept)")  # type: ignore[union-attr]
+        chain = layers[name].chain if name in layers else None
+        if option.method == "prune" and chain is not None:
+            kept = f"pruned with '{name}' ({option.ranks[0]} of {chain.channels} kept)"
+            skipped[chain.producer] = f"kept dense; its output channels {kept}"
+            for between in (n for n in chain.between if n in candidates):  # depthwise convs on the way
+                skipped[between] = f"{skipped.get(between, 'kept')}; its channels {kept}"
     for name, option in choice.items():
         if option.method == "dense" and name not in skipped:
             skipped[name] = "kept dense by the allocation (every cheaper option hurts more than it saves)"
@@ -566,16 +570,15 @@ def _install(compressed: nn.Module, name: str, layer: _Layer, problem: LayerProb
     bias = problem.corrected_bias(approx, settings.bias_correction)
     cost = factorized_cost(option.method, layer.geometry, option.ranks)
     extra: dict = {}
-    if option.method == "prune":  # the chain's modules shrink; the layer reads the kept channels only
-        chain = layer.chain
-        prune_chain(compressed, chain, decomposition.kept, decomposition.weight, bias)  # type: ignore[arg-type, attr-defined]
-        removed = chain.channels - option.ranks[0]  # type: ignore[union-attr]
-        upstream = layer.geometry.upstream
-        cost = Cost(cost.params + removed * upstream.params, cost.macs + removed * upstream.macs)  # type: ignore[union-attr]
-        extra = {"pruned": {"producer": chain.producer, "between": list(chain.between),  # type: ignore[union-attr]
-                            "channels": chain.channels, "kept": option.ranks[0],  # type: ignore[union-attr]
-                            "removed_upstream": {"params": removed * upstream.params,  # type: ignore[union-attr]
-                                                 "macs": removed * upstream.macs}}}  # type: ignore[union-attr]
+    if isinstance(decomposition, Pruned):  # the chain's modules shrink; the layer reads the kept channels only
+        chain, upstream = layer.chain, layer.geometry.upstream
+        assert chain is not None and upstream is not None
+        prune_chain(compressed, chain, decomposition.kept, decomposition.weight, bias)
+        gone = chain.channels - option.ranks[0]
+        removed = Cost(gone * upstream.params, gone * upstream.macs)
+        cost = Cost(cost.params + removed.params, cost.macs + removed.macs)
+        extra = {"pruned": {"producer": chain.producer, "between": list(chain.between), "channels": chain.channels,
+                            "kept": option.ranks[0], "removed_upstream": {"params": removed.params, "macs": removed.macs}}}
     else:
         module = factorize(layer.module, decomposition, None if bias is None else bias.to(layer.module.weight.dtype))
         replace_module(compressed, name, module)
@@ -595,14 +598,17 @@ def _install(compressed: nn.Module, name: str, layer: _Layer, problem: LayerProb
     return entry
 
 
-def _chains(model: nn.Module, wanted: list[str], config: CompressConfig, target: Target,
+def _chains(model: nn.Module, candidates: dict[str, nn.Module], config: CompressConfig,
             example: Tensor) -> tuple[dict[str, Chain], dict[str, ChainProfile]]:
-    """The prunable chains whose consumer is among ``wanted``, and their profiles (what one channel costs upstream, the
-    shapes to time them at), where the configuration prunes: method 'auto' or 'prune' (or a plan file), auto ranks."""
-    if (config.method not in ("auto", "prune") and config.ranks in RANK_MODES) or config.ranks == "uniform":
+    """The prunable chains between ``candidates`` (the layers the user lets datd change: producer and consumer both;
+    whatever their size), and their profiles (what one channel costs upstream, the shapes to time them at), where
+    the configuration prunes: method 'auto' with ``prune`` or 'prune' (or a plan file), not uniform ranks."""
+    if (config.method not in ("auto", "prune") and config.ranks in RANK_MODES) or config.ranks == "uniform" \
+            or (config.method == "auto" and not config.prune):
         return {}, {}
-    chains = {n: c for n, c in find_chains(model, set(wanted)).items()
-              if model.get_submodule(n).weight[0].numel() <= MAX_PRUNE_DIM}
+    consumers = {n for n, m in candidates.items() if skip_reason(m, 0) is None}
+    chains = {n: c for n, c in find_chains(model, consumers).items()
+              if c.producer in candidates and model.get_submodule(n).weight[0].numel() <= MAX_PRUNE_DIM}
     return chains, (profile_chains(model, chains, example[:1]) if chains else {})
 
 
@@ -848,7 +854,8 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
             anchors = {r for f in config.candidates if (r := ranks_for_fraction(method, g, f, metric, multiple))}
             if latency is not None and method == "prune":  # the chain's layers with fewer channels, timed
                 chain, profile = layer.chain, layer.profile
-                measured = latency.pruned(lambda k: timed_parts(model, chain, profile, k), chain.channels, ladder)  # type: ignore[arg-type, union-attr]
+                assert chain is not None and profile is not None and model is not None
+                measured = latency.pruned(lambda k: timed_parts(model, chain, profile, k), chain.channels, ladder)
                 measured = {r: dataclasses.replace(m, seconds=seconds["dense", ()] + m.seconds) for r, m in measured.items()}
             elif latency is not None:
                 measured = latency.candidates(layer.module, layer.input_shape, method, ladder)

@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import DatdError
 from .io import read_json, write_json
@@ -228,15 +229,25 @@ def allocate(options: dict[str, list[Option]], budget: int, metric: str,
     saved (the Lagrangian solution of this separable problem), then spend what is left of the budget on
     the upgrades that remove the most damage per unit of cost. ``producers`` (consumer → producer): layers that
     are decided together (``_units``). Raises ValueError when even the cheapest options exceed the budget."""
-    units = _units(options, producers or {}, metric)
-    chosen = _allocate(units, budget, metric)
+    producers = producers or {}
+    units = _units(options, producers, metric)
+    chosen, left = _descend(units, budget, metric)
     out: dict[str, Option] = {}
     for name, option in chosen.items():
         out.update(option.parts or ((name, option),))
-    return {name: out[name] for name in options}
+    # the leftover goes to the layers one by one (any of their options), keeping pruned consumers' producers dense
+    pruned_by = {p: c for c, p in producers.items() if c in options and p in options}
+
+    def allowed(name: str, option: Option, current: dict[str, Option]) -> bool:
+        if option.method == "prune" and name in producers and producers[name] in current:
+            return current[producers[name]].method == "dense"
+        return name not in pruned_by or current[pruned_by[name]].method != "prune" or option.method == "dense"
+
+    return _spend_leftover({name: out[name] for name in options}, options, left, metric, allowed)
 
 
-def _allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dict[str, Option]:
+def _descend(options: dict[str, list[Option]], budget: int, metric: str) -> tuple[dict[str, Option], int]:
+    """The Lagrangian part of ``allocate``: each unit's point on its lower hull, and the budget left."""
     hulls = {name: _lower_hull(opts, metric) for name, opts in options.items()}
     least = sum(min(metric_of(o.cost, metric) for o in opts) for opts in options.values())
     if least > budget:
@@ -260,13 +271,13 @@ def _allocate(options: dict[str, list[Option]], budget: int, metric: str) -> dic
         position[name] += 1
         if (s := step(name)) is not None:
             heapq.heappush(heap, (s[0], name))
-    chosen = {name: hulls[name][position[name]] for name in hulls}
-    return _spend_leftover(chosen, options, budget - total, metric)
+    return {name: hulls[name][position[name]] for name in hulls}, budget - total
 
 
-def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]], left: int, metric: str) -> dict[str, Option]:
-    """Upgrade layers (to any option, on the hull or not) while the budget allows, the largest damage
-    reduction per unit of cost first."""
+def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]], left: int, metric: str,
+                    allowed: Callable[[str, Option, dict[str, Option]], bool]) -> dict[str, Option]:
+    """Upgrade layers (to any option, on the hull or not, that ``allowed`` given the others' choice) while the budget
+    allows, the largest damage reduction per unit of cost first."""
     table = {name: [(metric_of(o.cost, metric), o.damage, o) for o in opts] for name, opts in options.items()}
     while True:
         best, best_rate = None, 0.0
@@ -274,7 +285,7 @@ def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]],
             cost = metric_of(current.cost, metric)
             for c, damage, o in table[name]:
                 extra, gain = c - cost, current.damage - damage
-                if extra <= left and gain > 0 and gain / max(extra, 1) > best_rate:
+                if extra <= left and gain > 0 and gain / max(extra, 1) > best_rate and allowed(name, o, chosen):
                     best, best_rate = (name, o, extra), gain / max(extra, 1)
         if best is None:
             return chosen
@@ -324,16 +335,17 @@ def calibrated(options: list[Option], measured: dict[tuple[str, tuple[int, ...]]
     for key, value in measured.items():
         if key in by_key and by_key[key].damage > 0:
             points.append((key[0], by_key[key].cost.params, min(max(value / by_key[key].damage, low), high)))
-    if not points:
-        return options
     out = []
     for o in options:
         if o.method == "dense":
             out.append(o)
             continue
-        same = [p for p in points if p[0] == o.method] or points
-        ratio = min(same, key=lambda p: abs(math.log(max(p[1], 1) / max(o.cost.params, 1))))[2]
-        out.append(dataclasses.replace(o, damage=o.damage * ratio))
+        damage = o.damage
+        if points:
+            same = [p for p in points if p[0] == o.method] or points
+            damage *= min(same, key=lambda p: abs(math.log(max(p[1], 1) / max(o.cost.params, 1))))[2]
+        # a measured option is never below its measurement (a prediction of 0 has no ratio to correct it by)
+        out.append(dataclasses.replace(o, damage=max(damage, measured.get((o.method, o.ranks), 0.0))))
     return out
 
 

@@ -46,8 +46,15 @@ def markdown(report: dict) -> str:
         else:
             notes = [f"Σ shrunk by α = {layer['shrinkage']:g}"] if layer.get("shrinkage") else []
             notes += ["propagated fit"] if layer.get("propagated") else []
+            pruned = layer.get("pruned")
+            if pruned:
+                removed = pruned["removed_upstream"]
+                notes.append(f"{pruned['kept']} of {pruned['channels']} input channels kept; removed with '{pruned['producer']}'"
+                             f"{' and ' + ', '.join(pruned['between']) if pruned['between'] else ''}: "
+                             f"{removed['params']:,} params, {removed['macs']:,} MACs")
+            form = "—" if pruned else forms.get(layer['name'], 'chain')
             lines.append(f"| {layer['name']} | {shape} | {layer['method']} | {layer['ranks']} | "
-                         f"{forms.get(layer['name'], 'chain')} | {params} | {macs} | {layer['sigma_error']:.4f} | "
+                         f"{form} | {params} | {macs} | {layer['sigma_error']:.4f} | "
                          f"{'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
 
@@ -94,11 +101,11 @@ def plot_layers(report: dict, path: str | os.PathLike) -> None:
     names = [l["name"] for l in layers]
     kept = [l["params_after"] / l["params_before"] for l in layers]
     errors = [l.get("sigma_error", 0.0) for l in layers]
-    colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green"}
+    colors = {"tucker2": "tab:blue", "cp": "tab:orange", "svd": "tab:green", "prune": "tab:purple"}
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.28 * len(names)), 6), sharex=True)
     top.bar(range(len(names)), kept, color=[colors.get(l.get("method"), "lightgray") for l in layers])
     top.set_ylabel("kept parameter fraction")
-    top.set_title("per layer (colour = method: blue Tucker-2, orange CP, green SVD, grey kept)")
+    top.set_title("per layer (colour = method: blue Tucker-2, orange CP, green SVD, purple pruned, grey kept)")
     bottom.bar(range(len(names)), errors, color="tab:red")
     bottom.set_ylabel("relative Σ-error")
     bottom.set_xticks(range(len(names)), names, rotation=90, fontsize=7)

@@ -28,12 +28,11 @@ from torch import Tensor
 
 from ._linalg import DTYPE, as_matrix, prepare_sigma, relative_error
 from .base import Decomposition
-from .svd import DEFAULT_SIGMA_REG
 
-# The least relative regularization of Σ for channel selection (``sigma_reg`` = max(given, this)): the refit is a
-# regression on the kept inputs, and where they are nearly collinear in the calibration data (few images per
-# dimension) an unregularized one gives weights thousands of times the original's, which float32 inference and
-# other images do not reproduce (a DenseNet on 8 images: 2000× at 1e-6, 1.9× at 1e-3).
+# The default relative regularization of Σ for channel selection: the refit is a regression on the kept inputs, and
+# where they are nearly collinear in the calibration data (few images per dimension) an unregularized one gives
+# weights thousands of times the original's, which float32 inference and other images do not reproduce (a DenseNet
+# on 8 images: 2000× at 1e-6, 1.9× at 1e-3).
 PRUNE_REG = 1e-3
 # Forward selection adds one channel per step up to this many steps, then several per step (ceil(H / MAX_STEPS)),
 # which bounds the work on wide layers (each step updates a D×D Schur complement).
@@ -96,15 +95,15 @@ def _solve_spd(matrix: Tensor, rhs: Tensor) -> Tensor:
 
 
 def prune_order(weight: Tensor, sigma: Tensor | None = None, *, channels: int | None = None,
-                sigma_reg: float = DEFAULT_SIGMA_REG) -> tuple[Tensor, Tensor]:
+                sigma_reg: float = PRUNE_REG) -> tuple[Tensor, Tensor]:
     """Greedy forward selection of the input channels of ``weight`` ((T, H, kh, kw), or (T, D) with ``channels``
     blocks of columns, default D) in the Σ-norm: (order (H,) int64, the channels in the order they are kept;
     errors (H + 1,) float64, the relative squared Σ-error ‖(W − W̃)Σ^{1/2}‖² / ‖WΣ^{1/2}‖² of keeping the first k,
-    k = 0 … H, each refitted optimally). Non-increasing in k; 0 at k = H. Σ is regularized by at least ``PRUNE_REG``
-    of its scale (a ridge on the refit)."""
+    k = 0 … H, each refitted optimally). Non-increasing in k; 0 at k = H. Σ is regularized by ``sigma_reg`` of its
+    scale (a ridge on the refit)."""
     w1, h, b = _channel_layout(weight, channels)
     t, d = w1.shape
-    s = prepare_sigma(sigma, d, max(sigma_reg, PRUNE_REG))
+    s = prepare_sigma(sigma, d, sigma_reg)
     residual = torch.eye(d, dtype=DTYPE, device=w1.device) if s is None else s.clone()  # Schur complement
     explained = w1 @ residual  # W₁ · residual moment (T, D)
     total = float((explained * w1).sum())
@@ -151,10 +150,10 @@ def prune_order(weight: Tensor, sigma: Tensor | None = None, *, channels: int | 
 
 
 def prune(weight: Tensor, sigma: Tensor | None = None, keep: int = 1, *, channels: int | None = None,
-          order: Tensor | None = None, sigma_reg: float = DEFAULT_SIGMA_REG) -> Pruned:
+          order: Tensor | None = None, sigma_reg: float = PRUNE_REG) -> Pruned:
     """The Σ-optimal weight reading ``keep`` of the input channels of ``weight`` ((T, H, kh, kw), or (T, D) in
     ``channels`` blocks): the first ``keep`` of ``order`` (default: ``prune_order``'s), refitted by least squares
-    in the Σ-norm (Σ regularized by at least ``PRUNE_REG`` of its scale)."""
+    in the Σ-norm (Σ regularized by ``sigma_reg`` of its scale)."""
     w1, h, b = _channel_layout(weight, channels)
     if not 1 <= keep <= h:
         raise ValueError(f"keep must be in [1, {h}] for {h} input channels, got {keep}")
@@ -162,7 +161,7 @@ def prune(weight: Tensor, sigma: Tensor | None = None, keep: int = 1, *, channel
         order, _ = prune_order(weight, sigma, channels=h, sigma_reg=sigma_reg)
     kept = torch.sort(order[:keep]).values.to(w1.device)
     cols = (kept[:, None] * b + torch.arange(b, device=w1.device)).reshape(-1)
-    s = prepare_sigma(sigma, w1.shape[1], max(sigma_reg, PRUNE_REG))
+    s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
     if s is None:
         refit = w1[:, cols]
     else:
