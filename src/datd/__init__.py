@@ -9,7 +9,7 @@
 
 import importlib.metadata
 
-from . import decompose
+from . import channels, decompose
 from .export import export
 from .inference import for_inference
 from .io import load, save
@@ -20,6 +20,7 @@ from .stats import LayerStats, Statistics, collect_stats
 
 __version__ = importlib.metadata.version("datd")
 __all__ = [
-    "CompressConfig", "LayerStats", "Plan", "Statistics", "Target", "collect_stats", "compress", "decompose", "export",
+    "CompressConfig", "LayerStats", "Plan", "Statistics", "Target", "channels", "collect_stats", "compress", "decompose",
+    "export",
     "for_inference", "load", "save", "tune_allocator", "__version__",
 ]
