@@ -361,3 +361,20 @@ def test_pruning_respects_the_layer_filter_and_propagated_fits(setup, tmp_path):
     assert report["macs_after"] <= 0.7 * report["macs_before"]
     datd.save(compressed, tmp_path / "m")
     assert torch.equal(datd.load(tmp_path / "m", SmallNet())(calib[0]), compressed(calib[0]))
+
+
+@pytest.mark.parametrize("target", ["params=0.5", "macs=0.5"])
+def test_pruning_is_kept_only_where_the_whole_plan_measures_better(setup, target):
+    """With method 'auto', a plan that prunes is measured against the plan without pruning (every chosen layer
+    replaced at once, on the probe images): the model prunes exactly when that costs it less."""
+    model, calib, _ = setup
+    _, report = datd.compress(model, calib, target=target, **FAST)
+    check = report.get("pruning")
+    pruned = [l for l in report["layers"] if l.get("method") == "prune"]
+    if check is None:  # no plan pruned
+        assert not pruned
+        return
+    if "kl_with" in check:
+        assert check["kl_with"] >= 0 and check["kl_without"] >= 0 and check["images"] == 64
+        assert check["kept"] == (check["kl_with"] <= check["kl_without"])
+    assert bool(pruned) == check["kept"]

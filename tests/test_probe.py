@@ -123,3 +123,29 @@ def test_probing_together_gives_the_separate_probes_bit_for_bit(model_cls):
     assert probe.lower_bounds(replacements) == [probe.lower_bound(*r) for r in replacements]
     with torch.no_grad():
         assert torch.equal(model(batches[0]), model(batches[0]))
+
+
+def test_measuring_replacements_together_is_the_model_with_all_of_them():
+    """``measure_together``: one replacement is ``measure``; several are the KL of a model that really has all
+    those weights (errors compounding included), and the probed model is left as it was."""
+    import copy
+
+    model = _model()
+    torch.manual_seed(2)
+    batches = list(torch.randn(96, 3, 6, 6).split(32))
+    probe = DamageProbe(model, batches, images=96)
+    first, second = model[0], model[2]
+    w1, w2 = first.weight.detach() * 0.7, second.weight.detach().flip(0)
+    b2 = second.bias.detach() + 0.1
+    assert probe.measure_together([(second, w2, b2)]) == probe.measure(second, w2, b2)
+    together = probe.measure_together([(first, w1, first.bias.detach()), (second, w2, b2)])[0]
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight.copy_(w1)
+        changed[2].weight.copy_(w2)
+        changed[2].bias.copy_(b2)
+        x = torch.cat(batches)
+        log_p, log_q = (torch.log_softmax(m(x).double(), 1) for m in (model, changed))
+    assert together == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum(1).mean()), rel=1e-9, abs=1e-12)
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), _model()(batches[0]))

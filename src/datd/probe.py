@@ -152,16 +152,23 @@ class DamageProbe:
 
     def measure(self, module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[float, float]:
         """(mean KL, standard error of that mean over the probe images) with ``module`` replaced."""
-        weight, bias = _replaced(module, weight, bias)
+        return self.measure_together([(module, weight, bias)])
 
-        def replace(mod: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            return _forward_with(mod, args[0], weight, bias)
+    def measure_together(self, replacements: Sequence[Replacement]) -> tuple[float, float]:
+        """(mean KL, its standard error) of the model with every one of ``replacements`` in place at once: what
+        a whole plan costs, errors compounding through depth included (one full pass over the probe images)."""
+        handles = []
 
-        handle = module.register_forward_hook(replace)
+        def replace(weight: Tensor, bias: Tensor | None) -> Callable:
+            return lambda mod, args, output: _forward_with(mod, args[0], weight, bias)
+
         try:
+            for module, weight, bias in replacements:
+                handles.append(module.register_forward_hook(replace(*_replaced(module, weight, bias))))
             return self._summary([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def measure_many(self, replacements: Sequence[Replacement]) -> list[tuple[float, float]]:
         """``measure`` of each of ``replacements``, in one traced pass per batch where the model allows it."""
