@@ -100,7 +100,8 @@ class Checkpoint:
     # -- planning --------------------------------------------------------------------------------------------
 
     def planning(self) -> dict | None:
-        """{"choice": {layer: Option}, "probed": {layer: {(method, ranks): KL}}, "curve", "timings"} or None."""
+        """{"choice": {layer: Option}, "probed": {layer: {(method, ranks): KL}}, "curve", "timings", "pruning"}
+        or None."""
         path = self.directory / "planning.json"
         if not self.resume or not path.is_file():
             return None
@@ -110,19 +111,19 @@ class Checkpoint:
                 "choice": {n: Option(o["method"], tuple(o["ranks"]), Cost(**o["cost"]), o["damage"])
                            for n, o in data["choice"].items()},
                 "probed": {n: {(m["method"], tuple(m["ranks"])): m["kl"] for m in ms} for n, ms in data["probed"].items()},
-                "curve": data["curve"], "timings": data["timings"],
+                "curve": data["curve"], "timings": data["timings"], "pruning": data.get("pruning"),
             }
         self.resumed["planning"] = True
         return planning
 
     def save_planning(self, choice: dict[str, Option], probed: dict[str, dict], curve: object,
-                      timings: dict[str, float]) -> None:
+                      timings: dict[str, float], pruning: dict | None = None) -> None:
         write_json(self.directory / "planning.json", {
             "choice": {n: {"method": o.method, "ranks": list(o.ranks), "cost": dataclasses.asdict(o.cost),
                            "damage": o.damage} for n, o in choice.items()},
             "probed": {n: [{"method": m, "ranks": list(r), "kl": kl} for (m, r), kl in ms.items()]
                        for n, ms in probed.items()},
-            "curve": curve, "timings": timings,
+            "curve": curve, "timings": timings, "pruning": pruning,
         })
 
     # -- fitted layers ---------------------------------------------------------------------------------------

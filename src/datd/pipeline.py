@@ -116,7 +116,8 @@ class CompressConfig:
         least two-fold cross-validated error over the calibration images, ``datd.shrinkage``) or a fixed α in
         [0, 1] ('0': the sample Σ as it is; '1': the Frobenius norm with bias correction).
     prune: with method 'auto', offer channel pruning among each prunable layer's options (False: factorizations
-        only, every layer keeps its channel counts).
+        only, every layer keeps its channel counts). With damage probes, a plan that prunes is kept only if the
+        whole model measures closer to the original than with the plan the budget gives without pruning.
     propagate: fit the chosen layers in call order, each to reproduce the original layer's outputs from the
         inputs it receives in the model compressed so far (``datd.propagate``; one paired forward pass over the
         calibration images per ``propagate_group`` layers). The plan is unchanged: same ranks, same cost.
@@ -397,7 +398,7 @@ def compress(
         fixed = total - sum(metric_of(dense_cost(l.geometry), target.metric) for l in layers.values())
         budget = int(target.fraction * total) - fixed
         if planned is not None:
-            choice, probed, curve = planned["choice"], planned["probed"], planned["curve"]
+            choice, probed, curve, pruning = planned["choice"], planned["probed"], planned["curve"], planned["pruning"]
             timings.update(planned["timings"])
         else:
             if plan_file is not None:
@@ -421,7 +422,7 @@ def compress(
                 curve = damage_curve(options, total, fixed, target.metric, producers=producers)
             if checkpoint is not None:
                 checkpoint.save_planning(choice, probed, curve, {k: v for k, v in timings.items()
-                                                                 if k in ("planning", "damage probes")})
+                                                                 if k in ("planning", "damage probes")}, pruning)
         tick = time.perf_counter()
         if config.propagate:
             compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress,
