@@ -800,11 +800,7 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
                 if o.method != "dense" and (o.method, o.ranks) not in measured.get(n, {})]
         if not todo:
             break
-        replacements = []
-        for name, option in todo:
-            layer = layers[name]
-            approx = _fit_cached(layer, option.method, option.ranks, settings).reconstruct()
-            replacements.append((layer.module, approx, layer.problem.corrected_bias(approx, settings.bias_correction)))
+        replacements = [_replacement(layers[name], option, settings) for name, option in todo]
         for (name, option), kl in zip(todo, probe.lower_bounds(replacements)):  # one round's probes share passes
             measured.setdefault(name, {})[option.method, option.ranks] = kl
         corrected = {n: calibrated(opts, measured.get(n, {})) for n, opts in options.items()}
@@ -836,17 +832,18 @@ def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]],
         return options, {"kept": True, "reason": "the budget is out of reach without pruning"}
 
     def cost(choice: dict[str, Option]) -> float:
-        replacements = []
-        for name, option in choice.items():
-            if option.method != "dense":
-                layer = layers[name]
-                approx = _fit_cached(layer, option.method, option.ranks, settings).reconstruct()
-                replacements.append((layer.module, approx, layer.problem.corrected_bias(approx, settings.bias_correction)))
-        return probe.measure_together(replacements)[0]
+        return probe.measure_together([_replacement(layers[n], o, settings) for n, o in choice.items()
+                                       if o.method != "dense"])[0]
 
     kl_with, kl_without = cost(with_pruning), cost(without_pruning)
     check = {"kept": kl_with <= kl_without, "kl_with": kl_with, "kl_without": kl_without, "images": probe.images}
     return (options if check["kept"] else without), check
+
+
+def _replacement(layer: _Layer, option: Option, settings: FitSettings) -> tuple[nn.Module, Tensor, Tensor | None]:
+    """What a probe puts in the layer's place for ``option``: (module, reconstructed weight, corrected bias)."""
+    approx = _fit_cached(layer, option.method, option.ranks, settings).reconstruct()
+    return layer.module, approx, layer.problem.corrected_bias(approx, settings.bias_correction)
 
 
 def _prune_anchor_ks(layer: _Layer) -> set[int]:
