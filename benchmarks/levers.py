@@ -7,7 +7,9 @@ For each model and target, one set of statistics (2048 CIFAR-10 training images)
 - BN re-estimated:   BatchNorm statistics recomputed on the calibration images after compression (measured
                      because the issue asks; not a datd option, see the result)
 - int8:              the default model quantized with ``datd.quantize`` (ONNX Runtime, static, per channel),
-                     top-1 measured in ONNX Runtime
+                     top-1 measured in ONNX Runtime, and its speed-up over the float original (ONNX Runtime,
+                     batch 32, interleaved medians)
+- propagate + int8:  the two label-free levers combined
 - distilled 1 / 5:   the default model after 1 or 5 epochs of ``datd.finetune.distill`` on the calibration
                      images (reported apart: "no fine-tuning" is the headline everywhere else)
 
@@ -16,6 +18,9 @@ BENCHMARKS.md.
 
     python benchmarks/levers.py                                  # ResNet-20 at params=0.25 and macs=0.33
     python benchmarks/levers.py --models cifar_resnet20,cifar_resnet56
+    python benchmarks/levers.py --models cifar_resnet56 --targets latency=0.5   # planned for measured latency
+
+Each model also gets one reference row: the original itself quantized to int8 (no decomposition).
     python benchmarks/levers.py --report-only
 """
 
@@ -35,14 +40,17 @@ from torch import nn
 import datd
 from datd.data import calibration_loader, eval_loader
 from datd.evaluate import accuracy
-from datd.export import OnnxModel
+from datd.export import OnnxModel, export
 from datd.finetune import distill
+from datd.latency import compare, example_batch
 from datd.models import load_model
 from datd.quantize import quantize
 
 NAME = "levers"
 TARGETS = ["params=0.25", "macs=0.33"]
-LEVERS = ["default", "propagate", "BN re-estimated", "int8", "distilled 1 epoch", "distilled 5 epochs"]
+LEVERS = ["default", "propagate", "BN re-estimated", "int8", "propagate + int8", "distilled 1 epoch",
+          "distilled 5 epochs"]
+LATENCY_BATCH = 32  # the batch at which int8 models are timed against the float original (issue 12)
 
 
 def bn_reestimated(model: nn.Module, calib) -> nn.Module:
@@ -59,34 +67,50 @@ def bn_reestimated(model: nn.Module, calib) -> nn.Module:
     return model.eval()
 
 
-def run(name: str, target: str, env: dict) -> list[dict]:
+def int8(model: nn.Module, original: OnnxModel, calib, test, inference: dict | None = None) -> tuple[float, float]:
+    """Top-1 of ``model`` quantized to int8 and its speed-up over the float ``original`` (ONNX Runtime, batch
+    ``LATENCY_BATCH``, interleaved medians)."""
+    with tempfile.TemporaryDirectory() as work:
+        path = quantize(model, calib, Path(work) / "int8.onnx", images=512, **(inference or {}))
+        quantized = OnnxModel(path)
+        batch = example_batch(next(iter(test))[0], LATENCY_BATCH)
+        seconds = compare({"original": original, "int8": quantized}, batch)
+        return accuracy(quantized, test, progress=False), seconds["original"] / seconds["int8"]
+
+
+def run(name: str, target: str, env: dict, work: Path) -> list[dict]:
     loaded = load_model(name)
     calib = calibration_loader("cifar10", loaded.preprocessing, 2048, batch_size=64)
     test = eval_loader("cifar10", loaded.preprocessing)
     stats = datd.collect_stats(loaded.model, calib, progress=False)
+    original = OnnxModel(export(loaded.model, next(iter(calib))[0][:2], work / f"{name}.onnx"))
+    latency = target.startswith("latency=")
     rows = []
 
     def record(lever: str, top1: float, seconds: float, **extra) -> None:
         rows.append({"model": name, "target": target, "lever": lever, "accuracy": top1, "seconds": seconds,
                      "accuracy_before": base, **extra, "environment": env})
-        print(f"{name} {target} {lever}: {100 * top1:.2f}% ({seconds:.0f} s)", flush=True)
+        speed = f", {extra['speedup_vs_original']:.2f}x the original's speed" if "speedup_vs_original" in extra else ""
+        print(f"{name} {target} {lever}: {100 * top1:.2f}% ({seconds:.0f} s{speed})", flush=True)
 
     base = accuracy(loaded.model, test, progress=False)
     tick = time.perf_counter()
-    model, report = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=False,
+    model, report = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=latency,
                                   progress=False)
     record("default", accuracy(datd.for_inference(model, **report["inference"]), test, progress=False),
-           time.perf_counter() - tick, params_ratio=report["params_ratio"], macs_ratio=report["macs_ratio"])
+           time.perf_counter() - tick, params_ratio=report["params_ratio"], macs_ratio=report["macs_ratio"],
+           latency_ratio=(report.get("latency") or {}).get("ratio"))
     tick = time.perf_counter()
-    propagated, _ = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=False,
-                                  progress=False, propagate=True)
+    propagated, preport = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=latency,
+                                        progress=False, propagate=True)
     record("propagate", accuracy(propagated, test, progress=False), time.perf_counter() - tick)
     tick = time.perf_counter()
     record("BN re-estimated", accuracy(bn_reestimated(model, calib), test, progress=False), time.perf_counter() - tick)
-    tick = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
-        path = quantize(model, calib, Path(work) / "int8.onnx", images=512, **report["inference"])
-        record("int8", accuracy(OnnxModel(path), test, progress=False), time.perf_counter() - tick)
+    for lever, source, inference in (("int8", model, report["inference"]),
+                                     ("propagate + int8", propagated, preport["inference"])):
+        tick = time.perf_counter()
+        top1, speedup = int8(source, original, calib, test, inference)
+        record(lever, top1, time.perf_counter() - tick, speedup_vs_original=speedup)
     for epochs in (1, 5):
         tick = time.perf_counter()
         student = copy.deepcopy(model)
@@ -96,19 +120,49 @@ def run(name: str, target: str, env: dict) -> list[dict]:
     return rows
 
 
+def reference(name: str, env: dict, work: Path) -> dict:
+    """The original quantized to int8, without decomposition: what int8 alone gives."""
+    loaded = load_model(name)
+    calib = calibration_loader("cifar10", loaded.preprocessing, 2048, batch_size=64)
+    test = eval_loader("cifar10", loaded.preprocessing)
+    original = OnnxModel(export(loaded.model, next(iter(calib))[0][:2], work / f"{name}.onnx"))
+    tick = time.perf_counter()
+    top1, speedup = int8(loaded.model, original, calib, test)
+    print(f"{name} original int8: {100 * top1:.2f}% ({speedup:.2f}x the original's speed)", flush=True)
+    return {"model": name, "target": "none", "lever": "int8", "accuracy": top1, "speedup_vs_original": speedup,
+            "accuracy_before": accuracy(loaded.model, test, progress=False), "seconds": time.perf_counter() - tick,
+            "environment": env}
+
+
+def _cell(row: dict) -> str:
+    speed = f" ({row['speedup_vs_original']:.2f}×)" if "speedup_vs_original" in row else ""
+    return f"{100 * row['accuracy']:.2f}{speed}"
+
+
 def report(rows: list[dict], env: dict) -> str:
     lines = ["## Levers beyond the paper (`benchmarks/levers.py`)", "",
-             "Each lever alone on top of the default compression (2048 CIFAR-10 training images calibrate; top-1 on the "
-             "full test set). int8: ONNX Runtime static quantization of the default model. Distillation (reported "
+             "Each lever alone on top of the default compression, and the two label-free ones combined (2048 CIFAR-10 "
+             "training images calibrate; top-1 on the full test set). int8: ONNX Runtime static quantization of the "
+             "compressed model, top-1 measured in ONNX Runtime, in parentheses its speed-up over the float original "
+             f"(ONNX Runtime, batch {LATENCY_BATCH}, interleaved medians, same run). Distillation (reported "
              "apart: every other table is without fine-tuning): KL to the original's outputs on the 2048 calibration "
              "images, Adam 1e-4 with cosine decay, mirrored images. BatchNorm re-estimation is measured because "
-             "issue 12 asks; it is not offered as an option.", "",
-             "| model | target | original | " + " | ".join(LEVERS) + " |", "|---|---|---|" + "---|" * len(LEVERS)]
-    for key in dict.fromkeys((r["model"], r["target"]) for r in rows):
+             "issue 12 asks; it is not offered as an option. Achieved params / MACs (/ measured eager latency at "
+             "batch 32 for a latency target) are the default's.", "",
+             "| model | target | achieved | original | " + " | ".join(LEVERS) + " |",
+             "|---|---|---|---|" + "---|" * len(LEVERS)]
+    for key in dict.fromkeys((r["model"], r["target"]) for r in rows if r["target"] != "none"):
         chosen = {r["lever"]: r for r in rows if (r["model"], r["target"]) == key}
         base = next(iter(chosen.values()))["accuracy_before"]
-        cells = [f"{100 * chosen[lever]['accuracy']:.2f}" if lever in chosen else "" for lever in LEVERS]
-        lines.append(f"| {key[0]} | {key[1]} | {100 * base:.2f} | " + " | ".join(cells) + " |")
+        default = chosen.get("default", {})
+        achieved = "/".join(f"{default[k]:.2f}" for k in ("params_ratio", "macs_ratio", "latency_ratio")
+                            if default.get(k) is not None)
+        cells = [_cell(chosen[lever]) if lever in chosen else "" for lever in LEVERS]
+        lines.append(f"| {key[0]} | {key[1]} | {achieved} | {100 * base:.2f} | " + " | ".join(cells) + " |")
+    references = [r for r in rows if r["target"] == "none"]
+    if references:
+        lines += ["", "For reference, int8 alone (the original quantized the same way, no decomposition): " + "; ".join(
+            f"{r['model']} {100 * r['accuracy_before']:.2f} → {_cell(r)}" for r in references) + "."]
     envs = {env_lines(r["environment"]) for r in rows if r.get("environment")}
     return "\n".join(lines + [""] + sorted(envs or {env_lines(env)})) + "\n"
 
@@ -123,10 +177,14 @@ def main() -> None:
     rows = read_results(NAME)
     if not args.report_only:
         warnings.simplefilter("ignore")
-        for name in args.models.split(","):
-            for target in args.targets.split(","):
-                rows = [r for r in rows if (r["model"], r["target"]) != (name, target)] + run(name, target, env)
+        with tempfile.TemporaryDirectory(prefix="datd-levers-") as work:
+            for name in args.models.split(","):
+                rows = [r for r in rows if (r["model"], r["target"]) != (name, "none")] + [reference(name, env, Path(work))]
                 write_results(NAME, rows)
+                for target in args.targets.split(","):
+                    rows = [r for r in rows if (r["model"], r["target"]) != (name, target)] + run(name, target, env,
+                                                                                                  Path(work))
+                    write_results(NAME, rows)
     update_section(NAME, report(rows, env))
 
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .fitting import LayerProblem
 from .shrinkage import shrink
-from .stats import batch_inputs, conv_patches
+from .stats import _CHUNK_ELEMENTS, batch_inputs, conv_patches
 
 # Relative ridge of the corrected target: λ = DEFAULT_RIDGE · tr(Σ̃)/D (see the module docstring).
 DEFAULT_RIDGE = 1e-3
@@ -121,11 +121,12 @@ class _Sums:
         self.count = 0
 
     def add(self, x: Tensor, xt: Tensor) -> None:
-        """x, xt: (G, M, D) float64 paired samples."""
-        self.sigma += xt.transpose(1, 2) @ xt
-        self.cross += x.transpose(1, 2) @ xt
-        self.sum += x.sum(dim=1)
-        self.sum_tilde += xt.sum(dim=1)
+        """x, xt: (G, M, D) paired samples in the compute dtype; each product is formed in that dtype (float32:
+        GEMMs at twice the float64 speed, one chunk's rounding) and accumulated in float64."""
+        self.sigma += (xt.transpose(1, 2) @ xt).double()
+        self.cross += (x.transpose(1, 2) @ xt).double()
+        self.sum += x.sum(dim=1, dtype=torch.float64)
+        self.sum_tilde += xt.sum(dim=1, dtype=torch.float64)
         self.count += x.shape[1]
 
     def result(self) -> PairedStats:
@@ -138,8 +139,7 @@ class _Sums:
 
 
 def _samples(module: nn.Module, x: Tensor) -> Tensor:
-    """The layer's input samples (G, M, D) float64: im2col patches for a Conv2d, rows for a Linear."""
-    x = x.double()
+    """The layer's input samples (G, M, D) in the input's dtype: im2col patches for a Conv2d, rows for a Linear."""
     if isinstance(module, nn.Conv2d):
         if x.dim() == 3:
             x = x.unsqueeze(0)
@@ -173,10 +173,11 @@ class BatchCache:
 
 @torch.no_grad()
 def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[str], calls: dict[str, int],
-                      inputs: Iterable[Tensor], chunk: int = 1 << 16) -> dict[str, PairedStats]:
+                      inputs: Iterable[Tensor], chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, PairedStats]:
     """Paired input moments of the layers ``names`` (modules of both models under the same names; still
     dense in ``compressed``) over ``inputs``: one forward pass of each model per batch, stopped after the
-    layers' last call (``calls`` per forward pass)."""
+    layers' last call (``calls`` per forward pass). Products are formed on chunks of at most
+    ``chunk_elements`` samples × D in the models' dtype and summed in float64."""
     modules = {n: original.get_submodule(n) for n in names}
     sums: dict[str, _Sums] = {}
     captures = (_Capture(original, names, calls), _Capture(compressed, names, calls))
@@ -187,6 +188,7 @@ def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[st
                 xs, xts = _samples(module, a), _samples(module, b)
                 if name not in sums:
                     sums[name] = _Sums(xs.shape[0], xs.shape[2], xs.device)
+                chunk = max(1, chunk_elements // (xs.shape[0] * xs.shape[2]))
                 for start in range(0, xs.shape[1], chunk):
                     sums[name].add(xs[:, start:start + chunk], xts[:, start:start + chunk])
     return {n: s.result() for n, s in sums.items()}
