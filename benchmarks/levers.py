@@ -19,9 +19,9 @@ BENCHMARKS.md.
     python benchmarks/levers.py                                  # ResNet-20 at params=0.25 and macs=0.33
     python benchmarks/levers.py --models cifar_resnet20,cifar_resnet56
     python benchmarks/levers.py --models cifar_resnet56 --targets latency=0.5   # planned for measured latency
+    python benchmarks/levers.py --report-only
 
 Each model also gets one reference row: the original itself quantized to int8 (no decomposition).
-    python benchmarks/levers.py --report-only
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import copy
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,30 +79,47 @@ def int8(model: nn.Module, original: OnnxModel, calib, test, inference: dict | N
         return accuracy(quantized, test, progress=False), seconds["original"] / seconds["int8"]
 
 
-def run(name: str, target: str, env: dict, work: Path) -> list[dict]:
-    loaded = load_model(name)
-    calib = calibration_loader("cifar10", loaded.preprocessing, 2048, batch_size=64)
-    test = eval_loader("cifar10", loaded.preprocessing)
-    stats = datd.collect_stats(loaded.model, calib, progress=False)
-    original = OnnxModel(export(loaded.model, next(iter(calib))[0][:2], work / f"{name}.onnx"))
+@dataclass
+class Setup:
+    """What every target of one model shares: the model, its data, statistics, float ONNX export and top-1."""
+
+    name: str
+    model: nn.Module
+    calib: object
+    test: object
+    stats: object
+    original: OnnxModel
+    base: float
+
+    @classmethod
+    def of(cls, name: str, work: Path) -> "Setup":
+        loaded = load_model(name)
+        calib = calibration_loader("cifar10", loaded.preprocessing, 2048, batch_size=64)
+        test = eval_loader("cifar10", loaded.preprocessing)
+        original = OnnxModel(export(loaded.model, next(iter(calib))[0][:2], work / f"{name}.onnx"))
+        return cls(name, loaded.model, calib, test, datd.collect_stats(loaded.model, calib, progress=False), original,
+                   accuracy(loaded.model, test, progress=False))
+
+
+def run(setup: Setup, target: str, env: dict) -> list[dict]:
+    name, calib, test, stats = setup.name, setup.calib, setup.test, setup.stats
     latency = target.startswith("latency=")
     rows = []
 
     def record(lever: str, top1: float, seconds: float, **extra) -> None:
         rows.append({"model": name, "target": target, "lever": lever, "accuracy": top1, "seconds": seconds,
-                     "accuracy_before": base, **extra, "environment": env})
+                     "accuracy_before": setup.base, **extra, "environment": env})
         speed = f", {extra['speedup_vs_original']:.2f}x the original's speed" if "speedup_vs_original" in extra else ""
         print(f"{name} {target} {lever}: {100 * top1:.2f}% ({seconds:.0f} s{speed})", flush=True)
 
-    base = accuracy(loaded.model, test, progress=False)
     tick = time.perf_counter()
-    model, report = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=latency,
+    model, report = datd.compress(setup.model, calib, target=target, stats=stats, measure_latency=latency,
                                   progress=False)
     record("default", accuracy(datd.for_inference(model, **report["inference"]), test, progress=False),
            time.perf_counter() - tick, params_ratio=report["params_ratio"], macs_ratio=report["macs_ratio"],
            latency_ratio=(report.get("latency") or {}).get("ratio"))
     tick = time.perf_counter()
-    propagated, preport = datd.compress(loaded.model, calib, target=target, stats=stats, measure_latency=latency,
+    propagated, preport = datd.compress(setup.model, calib, target=target, stats=stats, measure_latency=latency,
                                         progress=False, propagate=True)
     record("propagate", accuracy(propagated, test, progress=False), time.perf_counter() - tick)
     tick = time.perf_counter()
@@ -109,29 +127,24 @@ def run(name: str, target: str, env: dict, work: Path) -> list[dict]:
     for lever, source, inference in (("int8", model, report["inference"]),
                                      ("propagate + int8", propagated, preport["inference"])):
         tick = time.perf_counter()
-        top1, speedup = int8(source, original, calib, test, inference)
+        top1, speedup = int8(source, setup.original, calib, test, inference)
         record(lever, top1, time.perf_counter() - tick, speedup_vs_original=speedup)
     for epochs in (1, 5):
         tick = time.perf_counter()
         student = copy.deepcopy(model)
-        distill(student, loaded.model, calib, epochs=epochs, progress=False)
+        distill(student, setup.model, calib, epochs=epochs, progress=False)
         record(f"distilled {epochs} epoch{'s' if epochs > 1 else ''}", accuracy(student, test, progress=False),
                time.perf_counter() - tick)
     return rows
 
 
-def reference(name: str, env: dict, work: Path) -> dict:
+def reference(setup: Setup, env: dict) -> dict:
     """The original quantized to int8, without decomposition: what int8 alone gives."""
-    loaded = load_model(name)
-    calib = calibration_loader("cifar10", loaded.preprocessing, 2048, batch_size=64)
-    test = eval_loader("cifar10", loaded.preprocessing)
-    original = OnnxModel(export(loaded.model, next(iter(calib))[0][:2], work / f"{name}.onnx"))
     tick = time.perf_counter()
-    top1, speedup = int8(loaded.model, original, calib, test)
-    print(f"{name} original int8: {100 * top1:.2f}% ({speedup:.2f}x the original's speed)", flush=True)
-    return {"model": name, "target": "none", "lever": "int8", "accuracy": top1, "speedup_vs_original": speedup,
-            "accuracy_before": accuracy(loaded.model, test, progress=False), "seconds": time.perf_counter() - tick,
-            "environment": env}
+    top1, speedup = int8(setup.model, setup.original, setup.calib, setup.test)
+    print(f"{setup.name} original int8: {100 * top1:.2f}% ({speedup:.2f}x the original's speed)", flush=True)
+    return {"model": setup.name, "target": "none", "lever": "int8", "accuracy": top1, "speedup_vs_original": speedup,
+            "accuracy_before": setup.base, "seconds": time.perf_counter() - tick, "environment": env}
 
 
 def _cell(row: dict) -> str:
@@ -179,11 +192,11 @@ def main() -> None:
         warnings.simplefilter("ignore")
         with tempfile.TemporaryDirectory(prefix="datd-levers-") as work:
             for name in args.models.split(","):
-                rows = [r for r in rows if (r["model"], r["target"]) != (name, "none")] + [reference(name, env, Path(work))]
+                setup = Setup.of(name, Path(work))
+                rows = [r for r in rows if (r["model"], r["target"]) != (name, "none")] + [reference(setup, env)]
                 write_results(NAME, rows)
                 for target in args.targets.split(","):
-                    rows = [r for r in rows if (r["model"], r["target"]) != (name, target)] + run(name, target, env,
-                                                                                                  Path(work))
+                    rows = [r for r in rows if (r["model"], r["target"]) != (name, target)] + run(setup, target, env)
                     write_results(NAME, rows)
     update_section(NAME, report(rows, env))
 

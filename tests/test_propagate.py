@@ -81,3 +81,19 @@ def test_compress_with_propagate_keeps_the_plan_and_tracks_the_original_closer()
         reference = model(images)
         errors = [float(((m(images) - reference) ** 2).mean()) for m in (plain, propagated)]
     assert errors[1] < errors[0]
+
+
+def test_paired_moments_in_float32_chunks_match_a_float64_reference():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1)).eval()
+    compressed = copy.deepcopy(model)
+    with torch.no_grad():
+        compressed[0].weight.add_(0.1 * torch.randn_like(compressed[0].weight))  # x̃ differs from x
+    images = torch.rand(16, 3, 12, 12)
+    _, calls = call_order(model, ["2"], images[:1])
+    fast = paired_statistics(model, compressed, ["2"], calls, [images[:8], images[8:]], chunk_elements=5000)["2"]
+    exact = paired_statistics(model.double(), compressed.double(), ["2"], calls, [images.double()])["2"]
+    for a, b in ((fast.sigma, exact.sigma), (fast.cross, exact.cross), (fast.mean_tilde, exact.mean_tilde)):
+        assert a.dtype == torch.float64
+        assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+    assert not torch.allclose(exact.cross, exact.sigma, rtol=1e-3)
