@@ -97,3 +97,28 @@ def test_paired_moments_in_float32_chunks_match_a_float64_reference():
         assert a.dtype == torch.float64
         assert (a - b).abs().max() <= 1e-6 * b.abs().max()
     assert not torch.allclose(exact.cross, exact.sigma, rtol=1e-3)
+
+
+def test_joint_patch_moments_match_im2col_pairs_for_plain_and_grouped_convs(monkeypatch):
+    """The shifted path on [x; x̃] (propagate._Joint) gives the moments of the im2col pairs (propagate._Sums)."""
+    import datd.propagate as propagate
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, stride=2, groups=2)).double().eval()
+    compressed = copy.deepcopy(model)
+    with torch.no_grad():
+        compressed[0].weight.add_(0.1 * torch.randn_like(compressed[0].weight))
+    images = torch.rand(6, 3, 16, 16, dtype=D64)
+    names = ["2", "4"]
+    _, calls = call_order(model, names, images[:1])
+    assert all(propagate._Joint.suits(model.get_submodule(n), torch.zeros(1, 64, 16, 16)) for n in names)
+    joint = paired_statistics(model, compressed, names, calls, [images[:4], images[4:]])
+    monkeypatch.setattr(propagate, "_JOINT_BYTES", 0)
+    pairs = paired_statistics(model, compressed, names, calls, [images])
+    for name in names:
+        a, b = joint[name], pairs[name]
+        assert a.count == b.count
+        for x, y in ((a.sigma, b.sigma), (a.cross, b.cross), (a.mean, b.mean), (a.mean_tilde, b.mean_tilde)):
+            assert x.shape == y.shape
+            assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)

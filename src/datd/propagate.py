@@ -32,12 +32,15 @@ from torch import Tensor, nn
 
 from .fitting import LayerProblem
 from .shrinkage import shrink
-from .stats import _CHUNK_ELEMENTS, batch_inputs, conv_patches
+from .stats import _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, conv_patches, conv_pad, geometry_of
 
 # Relative ridge of the corrected target: λ = DEFAULT_RIDGE · tr(Σ̃)/D (see the module docstring).
 DEFAULT_RIDGE = 1e-3
 # Calibration batches up to this many bytes are kept in memory across the paired passes (no reloading).
 _BATCH_CACHE_BYTES = 1 << 30
+# A conv's paired moments come from the joint moments of [x; x̃] (``_Joint``) while those sums (two folds of
+# (2D)² float64 per group) take at most this many bytes; wider layers form only Σ̃ and K (``_Sums``).
+_JOINT_BYTES = 1 << 30
 
 
 @dataclass
@@ -138,6 +141,50 @@ class _Sums:
                            squeeze(self.sum_tilde / n), n)
 
 
+class _Joint:
+    """Paired moments of a Conv2d from the patch moments of its input and the compressed model's stacked as one
+    input of twice the channels, per group [x_g; x̃_g] (``stats._Accumulator`` on a stand-in conv: the shifted
+    cross-correlations of ``datd.patch_moments`` where they beat im2col, in float32 chunks summed in float64).
+    Its (2D, 2D) moment per group holds Σ̃ (lower right) and K = E[x x̃ᵀ] (upper right) in ``F.unfold`` order.
+    """
+
+    def __init__(self, name: str, conv: nn.Conv2d, device: torch.device, compute: torch.dtype):
+        self.stand_in, self.groups = _doubled(conv), conv.groups
+        self.accumulator = _Accumulator(name, self.stand_in, device, compute)
+
+    @staticmethod
+    def suits(conv: nn.Conv2d, x: Tensor) -> bool:
+        """Whether the joint moments are the cheaper exact path for ``conv`` on inputs like ``x`` (N, S, H, W):
+        the shifted path is preferred at twice the channels and the sums fit ``_JOINT_BYTES``."""
+        joint = 2 * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        return (2 * conv.groups * joint * joint * 8 <= _JOINT_BYTES
+                and _shifted_path(_doubled(conv), geometry_of(conv, conv_pad(conv), (x.shape[2], x.shape[3]))))
+
+    def add(self, x: Tensor, xt: Tensor) -> None:
+        """x, xt: (N, S, H, W) inputs of the original and the compressed layer for the same images."""
+        n, channels, h, w = x.shape
+        per_group = channels // self.groups
+        joint = torch.cat([x.reshape(n, self.groups, per_group, h, w), xt.reshape(n, self.groups, per_group, h, w)],
+                          dim=2).reshape(n, 2 * channels, h, w)
+        self.accumulator(self.stand_in, (joint,))
+
+    def result(self) -> PairedStats:
+        stats = self.accumulator.result()
+        sigma, mean = stats.sigma, stats.mean
+        if self.groups == 1:
+            sigma, mean = sigma[None], mean[None]
+        d = sigma.shape[-1] // 2
+        squeeze = (lambda t: t[0]) if self.groups == 1 else (lambda t: t)
+        return PairedStats(squeeze(sigma[:, d:, d:].clone()), squeeze(sigma[:, :d, d:].clone()),
+                           squeeze(mean[:, :d].clone()), squeeze(mean[:, d:].clone()), stats.count)
+
+
+def _doubled(conv: nn.Conv2d) -> nn.Conv2d:
+    """A weightless (meta) stand-in of ``conv`` that reads twice its input channels, in the same groups."""
+    return nn.Conv2d(2 * conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, bias=False, padding_mode=conv.padding_mode, device="meta")
+
+
 def _samples(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's input samples (G, M, D) in the input's dtype: im2col patches for a Conv2d, rows for a Linear."""
     if isinstance(module, nn.Conv2d):
@@ -176,15 +223,23 @@ def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[st
                       inputs: Iterable[Tensor], chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, PairedStats]:
     """Paired input moments of the layers ``names`` (modules of both models under the same names; still
     dense in ``compressed``) over ``inputs``: one forward pass of each model per batch, stopped after the
-    layers' last call (``calls`` per forward pass). Products are formed on chunks of at most
-    ``chunk_elements`` samples × D in the models' dtype and summed in float64."""
+    layers' last call (``calls`` per forward pass). Products are formed in the models' dtype and summed in
+    float64: a conv's from the joint patch moments of [x; x̃] where the shifted path pays (``_Joint``), else on
+    chunks of at most ``chunk_elements`` samples × D of im2col columns or rows (``_Sums``)."""
     modules = {n: original.get_submodule(n) for n in names}
-    sums: dict[str, _Sums] = {}
+    sums: dict[str, _Sums | _Joint] = {}
     captures = (_Capture(original, names, calls), _Capture(compressed, names, calls))
     for x in inputs:
         plain, tilde = (c.run(x) for c in captures)
         for name, module in modules.items():
             for a, b in zip(plain[name], tilde[name]):
+                if isinstance(module, nn.Conv2d) and a.dim() == 3:  # an unbatched input
+                    a, b = a[None], b[None]
+                if name not in sums and isinstance(module, nn.Conv2d) and _Joint.suits(module, a):
+                    sums[name] = _Joint(name, module, a.device, a.dtype)
+                if isinstance(sums.get(name), _Joint):
+                    sums[name].add(a, b)
+                    continue
                 xs, xts = _samples(module, a), _samples(module, b)
                 if name not in sums:
                     sums[name] = _Sums(xs.shape[0], xs.shape[2], xs.device)
