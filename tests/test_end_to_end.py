@@ -62,7 +62,10 @@ def test_latency_target_on_resnet20(tmp_path):
     # How much a latency budget costs in accuracy depends on the machine: what a layer's options save in time is
     # measured there. At latency=0.85 the development machines measured 88.5 % (Intel Xeon, AVX-512; 89.5 %
     # with --no-prune) and 91.0 % (AMD EPYC), a CI machine 85.3 %. The bound is the no-collapse rule of the
-    # accuracy benchmark (a drop of at most ~9 points from 91.73 % at a latency cut of 15 %).
+    # accuracy benchmark (a drop of at most ~9 points from 91.73 % at a latency cut of 15 %). A loaded machine
+    # once broke it: its first plan measured 0.64-0.72 and the old budget correction (one plan's scale through a
+    # noisy reference) kept that plan (85.9 %, MACs 0.38); the rounds now bracket the target with the measured
+    # ratios (with one core kept busy: 90.4 % at 0.855, MACs 0.75).
     assert report["accuracy_after"] >= 0.83
     fast = datd.load(out, load_model("cifar_resnet20").model, inference=True)
     slow = datd.load(out, load_model("cifar_resnet20").model)

@@ -141,19 +141,41 @@ def test_rank_multiples(method, multiple):
         rank_ladder(method, g, 0)
 
 
-def test_latency_budget_correction():
+def test_latency_budget_follows_the_measured_ratios():
     options = {"a": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 40))],
                "b": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 30))]}
-    budget = LatencyBudget.of(goal=150, fixed=20, options=options)
-    assert budget.cheapest == 70 and budget.allowed == 130
-    # the layers ran 1.3× slower than predicted: the next plan is allocated at 130 / 1.3
-    corrected = budget.corrected(predicted=100, realized=130)
-    assert corrected.allowed == 100
-    assert budget.corrected(predicted=100, realized=-5) is None
-    # an unreachable goal asks for the cheapest plan
-    assert LatencyBudget.of(goal=50, fixed=20, options=options).allowed == 70
-    chosen = allocate(options, corrected.allowed, "latency")
-    assert sum(o.cost.latency for o in chosen.values()) <= 100
+    # the original: 250 ns, 200 of them in the two layers; at 0.6 the layers get 150 − 50 = 100
+    budget = LatencyBudget.of(fraction=0.6, reference=250, options=options)
+    assert budget.cheapest == 70 and budget.dense == 200 and budget.allowed == 100
+    # a plan predicted at 100 measured 0.65: on the line from it to the original (200, 1), 0.6 lies at 100 − 14.3
+    slow = budget.measured(predicted=100, ratio=0.65)
+    assert slow.allowed == int(100 - 0.05 * 100 / 0.35)
+    chosen = allocate(options, slow.allowed, "latency")
+    assert sum(o.cost.latency for o in chosen.values()) <= slow.allowed
+    # every plan too slow: the next line starts from the fastest one measured
+    assert slow.measured(predicted=95, ratio=0.62).allowed == int(95 - 0.02 * 105 / 0.38)
+    assert slow.measured(predicted=90, ratio=0.8).allowed == 70  # that line ends below the cheapest plan
+    # a plan no faster than the original asks for the cheapest one
+    assert budget.measured(predicted=100, ratio=1.05).allowed == 70
+    assert budget.measured(predicted=100, ratio=0.0) is None
+    # an unreachable target asks for the cheapest plan
+    assert LatencyBudget.of(fraction=0.2, reference=250, options=options).allowed == 70
+
+
+def test_latency_budget_overshoot_is_bracketed_by_the_measured_plans_and_the_original():
+    options = {"a": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 40))],
+               "b": [Option("dense", (), Cost(1, 1, 100)), Option("svd", (4,), Cost(1, 1, 30))]}
+    budget = LatencyBudget.of(fraction=0.85, reference=250, options=options)
+    # a plan predicted at 120 ran at 0.6 (a busy machine inflated the reference): not a budget from that one
+    # plan's scale but on the line from it to the original (200, 1)
+    after = budget.measured(predicted=120, ratio=0.6)
+    assert after.allowed == int(120 + 0.25 / 0.4 * 80)
+    # a second plan there ran too slow: the next lies between the two measured plans
+    again = after.measured(predicted=after.allowed, ratio=0.9)
+    assert 120 < again.allowed < after.allowed
+    assert again.allowed == int(120 + 0.25 / 0.3 * (after.allowed - 120))
+    # a plan at the original's cost that met the target leaves nothing to bracket
+    assert budget.measured(predicted=200, ratio=0.8) is None
 
 
 def _joint_case(seed):

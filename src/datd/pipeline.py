@@ -729,7 +729,6 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     than the original (all layers dense then, with a warning)."""
     reference_ns = _ns(timing.reference_seconds)
     budget = _latency_budget(layers, options, timing, target)
-    goal, fixed = budget.goal, budget.fixed
     history, results = [], []
     for _ in range(rounds):
         choice = allocate(options, budget.allowed, "latency", _producers(layers))
@@ -738,16 +737,15 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
         compressed, entries = _build(original, layers, choice, settings, progress)
         measured = timing.measure(compressed, timing.forms(layers, choice))
         chosen_ns = sum(o.cost.latency for o in choice.values())
-        history.append({"budget_s": budget.allowed * 1e-9, "predicted_ratio": (fixed + chosen_ns) / reference_ns,
+        history.append({"budget_s": budget.allowed * 1e-9, "predicted_ratio": 1 - (budget.dense - chosen_ns) / reference_ns,
                         "ratio": measured["ratio"], "damage": sum(o.damage for o in choice.values())})
         results.append((compressed, entries, choice, measured))
-        realized = measured["ratio"] * reference_ns
-        if 0.95 * goal <= realized <= goal:
+        if 0.95 * target.fraction <= measured["ratio"] <= target.fraction:
             break
-        corrected = budget.corrected(chosen_ns, realized - fixed)
-        if corrected is None:
+        following = budget.measured(chosen_ns, measured["ratio"])
+        if following is None:
             break
-        budget = corrected
+        budget = following
     feasible = [r for r, h in zip(results, history) if h["ratio"] <= target.fraction * (1 + LATENCY_TOLERANCE)]
     if feasible:
         best = min(feasible, key=lambda r: sum(o.damage for o in r[2].values()))
@@ -778,9 +776,7 @@ def _latency_budget(layers: dict[str, _Layer], options: dict[str, list[Option]],
                     target: Target) -> LatencyBudget:
     """The first round's budget: the target's share of the reference time, less what the layers that are not
     compressed take (the reference minus the compressible layers' dense timings)."""
-    reference_ns = _ns(timing.reference_seconds)
-    fixed = reference_ns - sum(_ns(timing.model.dense(l.module, l.input_shape)) for l in layers.values())
-    return LatencyBudget.of(target.fraction * reference_ns, fixed, options, _producers(layers))
+    return LatencyBudget.of(target.fraction, _ns(timing.reference_seconds), options, _producers(layers))
 
 
 def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],

@@ -351,35 +351,62 @@ def calibrated(options: list[Option], measured: dict[tuple[str, tuple[int, ...]]
 
 @dataclass(frozen=True)
 class LatencyBudget:
-    """What the compressible layers may spend (ns per batch) for a whole-model latency ``goal`` (ns), given
-    the ``fixed`` time of everything else (the whole model's measured time minus its compressible layers'
-    dense timings) and the ``cheapest`` sum of per-layer options.
+    """What the compressible layers may spend (ns per batch, in their per-layer timings) for a whole-model
+    latency of ``fraction`` of the original's, whose layers' ``dense`` timings sum up to that much; the
+    ``cheapest`` plan sums up to that much.
 
-    Per-layer timings do not add up exactly to a whole model's time (caches, memory traffic between
-    layers), so after a plan is built and measured its layers' real share R = whole − fixed is compared to
-    their predicted sum P, and the next plan is allocated at (goal − fixed)·P/R (``corrected``)."""
+    The first plan trusts the timings: the layers get ``first`` = fraction · reference − (reference − dense).
+    But per-layer timings do not add up exactly to a whole model's time (caches, memory traffic between
+    layers, and on a busy machine plain noise, which the one reference measurement carries into that
+    formula), so every plan built is measured against the original, interleaved: a point (P, ratio) of its
+    predicted layer time P and its measured ratio to the original. The original itself is the anchor point
+    (dense, 1). ``measured`` adds a point and places the next budget where the ratio should meet the target:
+    - between the points that bracket it (the largest P that met it, the smallest larger P that did not,
+      the anchor at worst), by linear interpolation;
+    - while no plan met it, on the line from the original through the fastest plan measured (the cheapest
+      plan where that plan was no faster than the original).
+    Only measured ratios enter, never the reference alone: on a loaded machine the old correction (one
+    plan's realized/predicted scale, through the reference) once asked for half the MACs at latency=0.85."""
 
-    goal: float
-    fixed: int
+    fraction: float
+    first: int
     cheapest: int
-    scale: float = 1.0
+    dense: int
+    budget: float | None = None  # the next allocation's budget (None: ``first``)
+    points: tuple[tuple[float, float], ...] = ()  # measured (P, ratio)
 
     @classmethod
-    def of(cls, goal: float, fixed: int, options: dict[str, list[Option]],
+    def of(cls, fraction: float, reference: int, options: dict[str, list[Option]],
            producers: dict[str, str] | None = None) -> "LatencyBudget":
-        return cls(goal, fixed, cheapest(options, "latency", producers))
+        dense = sum(next(o.cost.latency for o in opts if o.method == "dense") for opts in options.values())
+        return cls(fraction, round(fraction * reference - (reference - dense)), cheapest(options, "latency", producers),
+                   dense)
 
     @property
     def allowed(self) -> int:
         """The budget for the allocation (never below the cheapest plan: the fastest possible is then chosen)."""
-        return max(self.cheapest, int((self.goal - self.fixed) / self.scale))
+        return max(self.cheapest, int(self.first if self.budget is None else self.budget))
 
-    def corrected(self, predicted: int, realized: float) -> "LatencyBudget | None":
-        """The budget after a plan predicted at ``predicted`` ns ran its layers in ``realized`` ns (None when
-        the measurement cannot inform a correction)."""
-        if predicted <= 0 or realized <= 0:
+    def measured(self, predicted: int, ratio: float) -> "LatencyBudget | None":
+        """The budget after a plan predicted at ``predicted`` ns measured ``ratio`` of the original's time
+        (None when the measurements leave no better plan to try)."""
+        if ratio <= 0:
             return None
-        return dataclasses.replace(self, scale=realized / predicted)
+        points = self.points + ((float(predicted), float(ratio)),)
+        anchor = (float(self.dense), 1.0)
+        met = [p for p in points if p[1] <= self.fraction]
+        if not met:
+            p, r = min(points)
+            if p >= anchor[0] or r >= 1:
+                return dataclasses.replace(self, budget=float(self.cheapest), points=points)
+            return dataclasses.replace(self, budget=p - (r - self.fraction) * (anchor[0] - p) / (1 - r), points=points)
+        lo = max(met)
+        above = [p for p in points + (anchor,) if p[1] > self.fraction and p[0] > lo[0]]
+        if not above:
+            return None
+        hi = min(above)
+        return dataclasses.replace(self, budget=lo[0] + (self.fraction - lo[1]) / (hi[1] - lo[1]) * (hi[0] - lo[0]),
+                                   points=points)
 
 
 @dataclass
