@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -122,3 +123,117 @@ def test_joint_patch_moments_match_im2col_pairs_for_plain_and_grouped_convs(monk
         for x, y in ((a.sigma, b.sigma), (a.cross, b.cross), (a.mean, b.mean), (a.mean_tilde, b.mean_tilde)):
             assert x.shape == y.shape
             assert torch.allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+class _Block(nn.Module):
+    """A residual block with in-place operations on values that passes may start from."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        x.add_(self.conv2(out))  # changes the block's input, which the passes may have kept (fx traces
+        # `x += …` as an addition that is not in place)
+        return self.relu(x)
+
+
+def _randomized(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_passes_from_kept_values_give_the_statistics_of_full_passes_as_layers_are_installed(group):
+    """PairedPasses (the values at the next layers' entry kept per batch, moved on once per group) gives the
+    paired statistics of full passes bit for bit, through in-place operations on kept values (a group of two
+    runs past the block's ``x +=``), a pruned chain (its entry is its producer) and layers installed between
+    the groups."""
+    from datd.propagate import PairedPasses
+
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), _Block(16), _Block(16),
+                                      nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 8, 1),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)), 5)
+    compressed = copy.deepcopy(model)
+    images = [torch.randn(4, 3, 12, 12), torch.randn(3, 3, 12, 12)]
+    names = ["0", "2.conv1", "2.conv2", "3.conv1", "3.conv2", "4", "7", "10"]
+    order, calls = call_order(model, names, images[0][:1])
+    assert order == names
+    # "7" prunes 24 -> 16 channels of its chain 4 -> 5 (BatchNorm) -> 7: its entry is "4"'s node
+    touches = {n: [n] for n in names} | {"7": ["7", "4", "5"]}
+    passes = PairedPasses(model, compressed, images, touches)
+    assert passes.graph is not None
+    fitted = [n for n in order if n != "4"]  # the producer of a pruned chain stays dense
+    for k in range(0, len(fitted), group):
+        names = fitted[k:k + group]
+        fast = passes.statistics(names, calls, fitted[k:])
+        full = paired_statistics(model, compressed, names, calls, images)
+        for name in names:
+            for x, y in ((fast[name].sigma, full[name].sigma), (fast[name].cross, full[name].cross),
+                         (fast[name].mean_tilde, full[name].mean_tilde)):
+                assert torch.equal(x, y), name
+        for name in names:
+            _install(compressed, name)
+    assert passes.position > 0 and passes.kept is not None
+
+
+def _install(compressed: nn.Module, name: str) -> None:
+    """Stand-in for a fit: a changed weight, or for "7" its chain 4 -> 5 -> 7 pruned to 16 channels."""
+    with torch.no_grad():
+        if name != "7":
+            layer = compressed.get_submodule(name)
+            layer.weight.mul_(1 + 0.2 * torch.randn_like(layer.weight))
+            return
+        keep = torch.arange(16)
+        producer, bn, consumer = compressed[4], compressed[5], compressed[7]
+        small = nn.Conv2d(16, 16, 1)
+        small.weight.copy_(producer.weight[keep]), small.bias.copy_(producer.bias[keep])
+        replace_module(compressed, "4", small)
+        norm = nn.BatchNorm2d(16).eval()
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            getattr(norm, attr).copy_(getattr(bn, attr)[keep])
+        replace_module(compressed, "5", norm)
+        reader = nn.Conv2d(16, 8, 1)
+        reader.weight.copy_(consumer.weight[:, keep]), reader.bias.copy_(consumer.bias)
+        replace_module(compressed, "7", reader)
+
+
+class _Branching(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if y.mean() > 0:
+            y = y * 2
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_a_model_fx_cannot_trace_gets_passes_from_the_images():
+    from datd.propagate import PairedPasses
+
+    torch.manual_seed(0)
+    model = _Branching().eval()
+    compressed = copy.deepcopy(model)
+    images = [torch.randn(5, 3, 8, 8)]
+    _, calls = call_order(model, ["conv", "head"], images[0])
+    passes = PairedPasses(model, compressed, images, {"conv": ["conv"], "head": ["head"]})
+    assert passes.graph is None
+    _install(compressed, "conv")
+    fast = passes.statistics(["head"], calls, ["head"])["head"]
+    full = paired_statistics(model, compressed, ["head"], calls, images)["head"]
+    assert torch.equal(fast.cross, full.cross) and not torch.equal(full.cross, full.sigma)

@@ -49,7 +49,7 @@ from .plan import (
     factorized_cost, metric_of, rank_ladder, ranks_for_fraction,
 )
 from .probe import DamageProbe
-from .propagate import DEFAULT_RIDGE, BatchCache, call_order, corrected_problem, paired_statistics
+from .propagate import DEFAULT_RIDGE, BatchCache, PairedPasses, call_order, corrected_problem
 from .sensitivity import Sensitivity, output_sensitivity
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
 from .stats import Statistics, batch_inputs, check_calibration_size, check_positions, collect_stats
@@ -119,8 +119,9 @@ class CompressConfig:
         only, every layer keeps its channel counts). With damage probes, a plan that prunes is kept only if the
         whole model measures closer to the original than with the plan the budget gives without pruning.
     propagate: fit the chosen layers in call order, each to reproduce the original layer's outputs from the
-        inputs it receives in the model compressed so far (``datd.propagate``; one paired forward pass over the
-        calibration images per ``propagate_group`` layers). The plan is unchanged: same ranks, same cost.
+        inputs it receives in the model compressed so far (``datd.propagate``; one paired pass per
+        ``propagate_group`` layers, from where those layers begin on a traced model). The plan is unchanged: same
+        ranks, same cost.
     propagate_ridge: regularization of the corrected weights towards the original ones, relative to Σ̃'s scale.
     positions: the fraction of each conv's output positions per image that the statistics use (1: all; below 1
         drawn at random with ``seed``: ``datd.stats.PositionSampler``, for large calibration sets).
@@ -538,14 +539,17 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
         return compressed, entries
     order, calls = call_order(original, chosen, first)
     order += [n for n in chosen if n not in calls]  # never called on the example: fitted alone, last
-    inputs = BatchCache(calib, first.device)
+    # what installing each layer changes: itself and, when it prunes, its chain (where the passes may start)
+    touches = {n: [n] + ([layers[n].chain.producer, *layers[n].chain.between]  # type: ignore[union-attr]
+                         if choice[n].method == "prune" else []) for n in calls}
+    passes = PairedPasses(original, compressed, BatchCache(calib, first.device), touches)
     bar = tqdm(total=len(order), desc="fit (propagated)", unit="layer", disable=not progress, leave=False)
     for start in range(0, len(order), config.propagate_group):
         names = order[start:start + config.propagate_group]
         saved = {n: checkpoint.fit(n) for n in names} if checkpoint is not None else {}
         # the group's statistics are taken before any of it is installed, so restoring some changes nothing
         group = [n for n in names if n in calls and saved.get(n) is None]
-        paired = paired_statistics(original, compressed, group, calls, inputs) if group else {}
+        paired = passes.statistics(group, calls, order[start:]) if group else {}
         for name in names:
             layer, option = layers[name], choice[name]
             bar.update()

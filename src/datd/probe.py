@@ -20,82 +20,18 @@ with full passes.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .graph import Replacement, TracedModel, forward_with
 from .stats import batch_inputs
-
-Replacement = tuple[nn.Module, Tensor, "Tensor | None"]  # (Conv2d or Linear of the model, weight, bias)
 
 
 def _replaced(module: nn.Module, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     weight = weight.to(module.weight.dtype).reshape(module.weight.shape)
     return weight, None if bias is None else bias.to(module.weight.dtype)
-
-
-def _forward_with(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if isinstance(module, nn.Conv2d):
-        return module._conv_forward(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class _Graph:
-    """``model`` traced by ``torch.fx``, run node by node: ``run`` from the first node or, given the values live
-    before node ``start``, from there, with one module's call replaced. ``start[name]``: the node of each module
-    called exactly once. Values are dropped after their last use, so a run holds what an eager forward holds."""
-
-    def __init__(self, model: nn.Module):
-        self.module = fx.symbolic_trace(model)
-        self.nodes = list(self.module.graph.nodes)
-        index = {n: i for i, n in enumerate(self.nodes)}
-        self.dead: list[list[fx.Node]] = [[] for _ in self.nodes]  # per node: the values last used there
-        for i, n in enumerate(self.nodes):
-            self.dead[max((index[u] for u in n.users), default=i)].append(n)
-        calls = Counter(n.target for n in self.nodes if n.op == "call_module")
-        self.start = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module" and calls[n.target] == 1}
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if not placeholders or any(not n.args for n in placeholders[1:]):
-            raise TypeError("the traced forward does not take exactly one required input")
-
-    def run(self, x: Tensor, env: dict[fx.Node, Any] | None = None, start: int = 0,
-            replace: Replacement | None = None, visit: Callable[[int, dict], None] | None = None) -> Tensor:
-        """The output from node ``start`` on (``env``: the values live there), node ``start`` computed by
-        ``replace`` = (module, weight, bias) if given; ``visit(i, env)`` is called before each node i."""
-        env = {} if env is None else dict(env)
-        placeholder = 0
-        for i in range(start, len(self.nodes)):
-            node = self.nodes[i]
-            if visit is not None:
-                visit(i, env)
-            args = fx.node.map_arg(node.args, lambda n: env[n])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            if node.op == "placeholder":
-                value = x if placeholder == 0 else args[0]
-                placeholder += 1
-            elif node.op == "get_attr":
-                value = self.module
-                for part in str(node.target).split("."):
-                    value = getattr(value, part)
-            elif node.op == "call_function":
-                value = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **kwargs)
-            elif node.op == "call_module":
-                if i == start and replace is not None:
-                    value = _forward_with(replace[0], args[0], replace[1], replace[2])
-                else:
-                    value = self.module.get_submodule(node.target)(*args, **kwargs)
-            else:  # output
-                return args[0]
-            env[node] = value
-            for n in self.dead[i]:
-                env.pop(n, None)
-        raise RuntimeError("the traced graph has no output node")
 
 
 class DamageProbe:
@@ -120,7 +56,7 @@ class DamageProbe:
             raise ValueError("the calibration data yielded no images for the damage probe")
         self.images = seen
         self.reference = [self._log_probs(x) for x in self.inputs]
-        self._graph: _Graph | None | bool = False  # not traced yet
+        self._graph: TracedModel | None | bool = False  # not traced yet
         self._names = {id(m): n for n, m in model.named_modules()}
 
     def _log_probs(self, x: Tensor) -> Tensor:
@@ -160,7 +96,7 @@ class DamageProbe:
         handles = []
 
         def replace(weight: Tensor, bias: Tensor | None) -> Callable:
-            return lambda mod, args, output: _forward_with(mod, args[0], weight, bias)
+            return lambda mod, args, output: forward_with(mod, args[0], weight, bias)
 
         try:
             for module, weight, bias in replacements:
@@ -201,12 +137,12 @@ class DamageProbe:
                 out[k] = self._summary(parts)
         return out  # type: ignore[return-value]
 
-    def _traced(self) -> _Graph | None:
+    def _traced(self) -> TracedModel | None:
         """The traced model, if it traces and reproduces the model's predictions exactly (checked against the
         reference of the first probe batch); None otherwise (with a warning: probes then cost a full pass each)."""
         if self._graph is False:
             try:
-                graph = _Graph(self.model)
+                graph = TracedModel(self.model)
                 with torch.no_grad():
                     traced = self._log_softmax(graph.run(self.inputs[0].to(self.device)))
                 same = torch.equal(traced, self.reference[0])

@@ -17,20 +17,22 @@ shrunk by α (``datd.shrinkage``), shrinking Σ̃ and K alike gives the same for
 less the statistics are trusted, the less the weights are corrected (none at α = 1).
 
 Layers are processed in the order of their first call, in groups of ``group`` layers: one paired forward pass
-of the original and the partially compressed model over the calibration images per group, stopped as soon as
-the group's layers have seen all their calls. Layers within one group are fitted to inputs that reflect the
-compression of the groups before it (not of each other).
+of the original and the partially compressed model per group, stopped as soon as the group's layers have seen
+all their calls, and started where the layers still to fit begin (``PairedPasses``: the values live there are
+kept per batch, so the passes together cost about one extra pass of each model, not one per group). Layers
+within one group are fitted to inputs that reflect the compression of the groups before it (not of each other).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .fitting import LayerProblem
+from .graph import TracedModel
 from .shrinkage import shrink
 from .stats import _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, conv_patches, conv_pad, geometry_of
 
@@ -38,6 +40,9 @@ from .stats import _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, c
 DEFAULT_RIDGE = 1e-3
 # Calibration batches up to this many bytes are kept in memory across the paired passes (no reloading).
 _BATCH_CACHE_BYTES = 1 << 30
+# The values kept between paired passes (both models, every calibration batch) take at most this many bytes;
+# beyond it every pass starts from the images.
+_ACTIVATION_BYTES = 1 << 32
 # A conv's paired moments come from the joint moments of [x; x̃] (``_Joint``) while those sums (two folds of
 # (2D)² float64 per group) take at most this many bytes; wider layers form only Σ̃ and K (``_Sums``).
 _JOINT_BYTES = 1 << 30
@@ -70,11 +75,12 @@ class _Capture:
         self.calls = calls
         self.inputs: dict[str, list[Tensor]] = {}
 
-    def run(self, x: Tensor) -> dict[str, list[Tensor]]:
+    def run(self, forward: Callable[[], object]) -> dict[str, list[Tensor]]:
+        """The layers' inputs during ``forward()`` (a pass of ``model``, or of its part from a point of its graph)."""
         self.inputs = {n: [] for n in self.modules}
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()]
         try:
-            self.model(x)
+            forward()
         except _Stop:
             pass
         finally:
@@ -218,6 +224,87 @@ class BatchCache:
             yield from (batch_inputs(b).to(self.device) for b in self.batches)
 
 
+class PairedPasses:
+    """The paired forward passes of the original and the partially compressed model (the same module names)
+    over the calibration ``inputs`` that propagated fits take their statistics from.
+
+    Where the model traces (``datd.graph``) and every layer to fit is called once, both models' values live at
+    the point where the layers still to fit begin are kept for every batch (``touches``: the modules each
+    layer's installation changes, itself and, when it prunes, its producer and what lies between; the point is
+    the first of their nodes over the layers not yet installed), while they take at most ``_ACTIVATION_BYTES``.
+    Each group's pass then runs from there, and the kept values move on once per group: in all about one extra
+    pass of each model over the images instead of one per group from the images, with the same values bit for bit
+    (the same operations on the same inputs). Otherwise every pass starts from the images."""
+
+    def __init__(self, original: nn.Module, compressed: nn.Module, inputs: Iterable[Tensor],
+                 touches: dict[str, list[str]] | None = None):
+        self.original, self.compressed, self.inputs = original, compressed, inputs
+        self.graph: TracedModel | None = None
+        self.entry: dict[str, int] = {}
+        self.position = 0
+        self.kept: list[tuple[dict, dict]] | None = None  # per batch: (original's, compressed's) values at position
+        if touches and not (isinstance(inputs, BatchCache) and inputs.kept is None):
+            try:
+                graph = TracedModel(original)
+                x = next(iter(inputs), None)
+                with torch.no_grad():  # the trace must compute what the model computes (as for the damage probes)
+                    same = x is not None and torch.equal(graph.run(x, root=original), original(x))
+            except Exception:  # noqa: BLE001 - a model fx cannot trace: passes from the images
+                return
+            if same and all(m in graph.start for ms in touches.values() for m in ms):
+                self.graph = graph
+                self.entry = {n: min(graph.start[m] for m in ms) for n, ms in touches.items() if ms}
+
+    @torch.no_grad()
+    def statistics(self, names: list[str], calls: dict[str, int], pending: Iterable[str],
+                   chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, PairedStats]:
+        """``paired_statistics`` of the layers ``names`` (still dense in the compressed model); ``pending``: the
+        layers not installed yet (``names`` among them), before whose first node the passes may start."""
+        if self.graph is not None and all(n in self.entry for n in names):
+            self._advance(min(self.entry[n] for n in pending if n in self.entry))
+        graph, position = self.graph, self.position
+        if graph is None or self.kept is None:
+            return paired_statistics(self.original, self.compressed, names, calls, self.inputs, chunk_elements)
+        # each run gets copies of the kept values: an in-place operation (ReLU(inplace=True), ``x.add_(y)``) on one
+        # of them would otherwise change what the next run starts from
+        runs = (((lambda e=e: graph.run(None, _copied(e), position, root=self.original)),
+                 (lambda e=t: graph.run(None, _copied(e), position, root=self.compressed))) for e, t in self.kept)
+        return _paired(self.original, self.compressed, names, calls, runs, chunk_elements)
+
+    def _advance(self, position: int) -> None:
+        """Move the kept values on to ``position`` (from the images the first time; given up, and every pass
+        started from the images, once they would exceed ``_ACTIVATION_BYTES``)."""
+        if position <= self.position or self.graph is None:
+            return
+        graph, kept, size = self.graph, [], 0
+
+        def stop(i: int, env: dict) -> None:
+            if i == position:
+                kept[-1].append(dict(env))
+                raise _Stop
+
+        start = self.position
+        batches = (((None, e), (None, t)) for e, t in self.kept) if self.kept is not None \
+            else (((x, None), (x, None)) for x in self.inputs)
+        for pair in batches:
+            kept.append([])
+            for (x, env), root in zip(pair, (self.original, self.compressed)):
+                try:
+                    graph.run(x, env, start if env is not None else 0, visit=stop, root=root)
+                except _Stop:
+                    pass
+            size += sum(v.numel() * v.element_size() for values in kept[-1] for v in values.values()
+                        if isinstance(v, Tensor))
+            if size > _ACTIVATION_BYTES:
+                self.graph, self.kept = None, None
+                return
+        self.kept, self.position = [tuple(k) for k in kept], position  # type: ignore[misc]
+
+
+def _copied(env: dict) -> dict:
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in env.items()}
+
+
 @torch.no_grad()
 def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[str], calls: dict[str, int],
                       inputs: Iterable[Tensor], chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, PairedStats]:
@@ -226,11 +313,19 @@ def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[st
     layers' last call (``calls`` per forward pass). Products are formed in the models' dtype and summed in
     float64: a conv's from the joint patch moments of [x; x̃] where the shifted path pays (``_Joint``), else on
     chunks of at most ``chunk_elements`` samples × D of im2col columns or rows (``_Sums``)."""
+    runs = (((lambda x=x: original(x)), (lambda x=x: compressed(x))) for x in inputs)
+    return _paired(original, compressed, names, calls, runs, chunk_elements)
+
+
+def _paired(original: nn.Module, compressed: nn.Module, names: list[str], calls: dict[str, int],
+            runs: Iterable[tuple[Callable[[], object], Callable[[], object]]], chunk_elements: int) -> dict[str, PairedStats]:
+    """``paired_statistics`` over ``runs``: per batch, the passes (or the parts of them) of each model that call
+    the layers."""
     modules = {n: original.get_submodule(n) for n in names}
     sums: dict[str, _Sums | _Joint] = {}
     captures = (_Capture(original, names, calls), _Capture(compressed, names, calls))
-    for x in inputs:
-        plain, tilde = (c.run(x) for c in captures)
+    for run_plain, run_tilde in runs:
+        plain, tilde = captures[0].run(run_plain), captures[1].run(run_tilde)
         for name, module in modules.items():
             for a, b in zip(plain[name], tilde[name]):
                 if isinstance(module, nn.Conv2d) and a.dim() == 3:  # an unbatched input

@@ -1,0 +1,87 @@
+"""A model traced by ``torch.fx`` and run node by node, from any point of its graph.
+
+Damage probes (``datd.probe``) run the rest of the model from each probed layer with that layer replaced;
+propagated fits (``datd.propagate``) run the original and the partially compressed model from where the layers
+still to be fitted begin. Both keep the values live before a node (``TracedModel.run``'s ``visit`` sees them)
+and continue from there: the same operations on the same values as a full forward pass, so the same results bit
+for bit, for the cost of the rest of the graph.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Replacement = tuple[nn.Module, Tensor, "Tensor | None"]  # (Conv2d or Linear of the model, weight, bias)
+
+
+def forward_with(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``module`` (a Conv2d or Linear) applied to ``x`` with ``weight`` and ``bias`` instead of its own."""
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class TracedModel:
+    """``model`` traced by ``torch.fx``, run node by node: ``run`` from the first node or, given the values live
+    before node ``start``, from there, with one module's call replaced. ``start[name]``: the node of each module
+    called exactly once. Values are dropped after their last use, so a run holds what an eager forward holds.
+
+    The graph calls modules by name, so it runs on any ``root`` with the same module names (``run(root=…)``):
+    a copy of the model whose layers were replaced by factorized or pruned ones, say."""
+
+    def __init__(self, model: nn.Module):
+        self.module = fx.symbolic_trace(model)
+        self.nodes = list(self.module.graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.dead: list[list[fx.Node]] = [[] for _ in self.nodes]  # per node: the values last used there
+        for i, n in enumerate(self.nodes):
+            self.dead[max((index[u] for u in n.users), default=i)].append(n)
+        calls = Counter(n.target for n in self.nodes if n.op == "call_module")
+        self.start = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module" and calls[n.target] == 1}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if not placeholders or any(not n.args for n in placeholders[1:]):
+            raise TypeError("the traced forward does not take exactly one required input")
+
+    def run(self, x: Tensor | None, env: dict[fx.Node, Any] | None = None, start: int = 0,
+            replace: Replacement | None = None, visit: Callable[[int, dict], None] | None = None,
+            root: nn.Module | None = None) -> Tensor:
+        """The output from node ``start`` on (``env``: the values live there; ``x`` the input, needed from node
+        0 only), node ``start`` computed by ``replace`` = (module, weight, bias) if given; ``visit(i, env)`` is
+        called before each node i (it may raise to end the run there); modules and attributes are those of
+        ``root`` (default: the traced model)."""
+        root = self.module if root is None else root
+        env = {} if env is None else dict(env)
+        placeholder = 0
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
+            if visit is not None:
+                visit(i, env)
+            args = fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            if node.op == "placeholder":
+                value = x if placeholder == 0 else args[0]
+                placeholder += 1
+            elif node.op == "get_attr":
+                value = root
+                for part in str(node.target).split("."):
+                    value = getattr(value, part)
+            elif node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module":
+                if i == start and replace is not None:
+                    value = forward_with(replace[0], args[0], replace[1], replace[2])
+                else:
+                    value = root.get_submodule(node.target)(*args, **kwargs)
+            else:  # output
+                return args[0]
+            env[node] = value
+            for n in self.dead[i]:
+                env.pop(n, None)
+        raise RuntimeError("the traced graph has no output node")
