@@ -352,8 +352,8 @@ def calibrated(options: list[Option], measured: dict[tuple[str, tuple[int, ...]]
 @dataclass(frozen=True)
 class LatencyBudget:
     """What the compressible layers may spend (ns per batch, in their per-layer timings) for a whole-model
-    latency of ``fraction`` of the original's, whose layers' ``dense`` timings sum up to that much; the
-    ``cheapest`` plan sums up to that much.
+    latency of ``fraction`` of the original's. ``dense``: the sum of the layers' dense timings; ``cheapest``:
+    that of the cheapest plan.
 
     The first plan trusts the timings: the layers get ``first`` = fraction · reference − (reference − dense).
     But per-layer timings do not add up exactly to a whole model's time (caches, memory traffic between

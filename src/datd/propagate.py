@@ -260,8 +260,7 @@ class PairedPasses:
                    chunk_elements: int = _CHUNK_ELEMENTS) -> dict[str, PairedStats]:
         """``paired_statistics`` of the layers ``names`` (still dense in the compressed model); ``pending``: the
         layers not installed yet (``names`` among them), before whose first node the passes may start."""
-        if self.graph is not None and all(n in self.entry for n in names):
-            self._advance(min(self.entry[n] for n in pending if n in self.entry))
+        self._advance(min((self.entry[n] for n in pending if n in self.entry), default=self.position))
         graph, position = self.graph, self.position
         if graph is None or self.kept is None:
             return paired_statistics(self.original, self.compressed, names, calls, self.inputs, chunk_elements)
@@ -283,14 +282,13 @@ class PairedPasses:
                 kept[-1].append(dict(env))
                 raise _Stop
 
-        start = self.position
-        batches = (((None, e), (None, t)) for e, t in self.kept) if self.kept is not None \
-            else (((x, None), (x, None)) for x in self.inputs)
-        for pair in batches:
+        # per batch: the input (needed from node 0 only) and each model's values at the present position
+        starts = ((None, e, t) for e, t in self.kept) if self.kept is not None else ((x, {}, {}) for x in self.inputs)
+        for x, *envs in starts:
             kept.append([])
-            for (x, env), root in zip(pair, (self.original, self.compressed)):
+            for env, root in zip(envs, (self.original, self.compressed)):
                 try:
-                    graph.run(x, env, start if env is not None else 0, visit=stop, root=root)
+                    graph.run(x, env, self.position, visit=stop, root=root)
                 except _Stop:
                     pass
             size += sum(v.numel() * v.element_size() for values in kept[-1] for v in values.values()
