@@ -19,6 +19,7 @@ BENCHMARKS.md.
     python benchmarks/levers.py                                  # ResNet-20 at params=0.25 and macs=0.33
     python benchmarks/levers.py --models cifar_resnet20,cifar_resnet56
     python benchmarks/levers.py --models cifar_resnet56 --targets latency=0.5   # planned for measured latency
+    python benchmarks/levers.py --levers int8,"propagate + int8"               # only those columns again
     python benchmarks/levers.py --report-only
 
 Each model also gets one reference row: the original itself quantized to int8 (no decomposition).
@@ -45,7 +46,7 @@ from datd.export import OnnxModel, export
 from datd.finetune import distill
 from datd.latency import compare, example_batch
 from datd.models import load_model
-from datd.quantize import quantize
+from datd.quantize import int8_forms, quantize
 
 NAME = "levers"
 TARGETS = ["params=0.25", "macs=0.33"]
@@ -69,10 +70,13 @@ def bn_reestimated(model: nn.Module, calib) -> nn.Module:
 
 
 def int8(model: nn.Module, original: OnnxModel, calib, test, inference: dict | None = None) -> tuple[float, float]:
-    """Top-1 of ``model`` quantized to int8 and its speed-up over the float ``original`` (ONNX Runtime, batch
-    ``LATENCY_BATCH``, interleaved medians)."""
+    """Top-1 of ``model`` quantized to int8 (in the execution forms fastest in int8, ``int8_forms``, as `datd
+    quantize` does) and its speed-up over the float ``original`` (ONNX Runtime, batch ``LATENCY_BATCH``,
+    interleaved medians)."""
+    inference = dict(inference or {})
+    inference["forms"], _ = int8_forms(model, calib, batch=LATENCY_BATCH, **inference)
     with tempfile.TemporaryDirectory() as work:
-        path = quantize(model, calib, Path(work) / "int8.onnx", images=512, **(inference or {}))
+        path = quantize(model, calib, Path(work) / "int8.onnx", images=512, **inference)
         quantized = OnnxModel(path)
         batch = example_batch(next(iter(test))[0], LATENCY_BATCH)
         seconds = compare({"original": original, "int8": quantized}, batch)
@@ -101,7 +105,9 @@ class Setup:
                    accuracy(loaded.model, test, progress=False))
 
 
-def run(setup: Setup, target: str, env: dict) -> list[dict]:
+def run(setup: Setup, target: str, env: dict, levers: list[str] = LEVERS) -> list[dict]:
+    """The rows of ``levers`` for one model and target (the default and propagated models are always made: the
+    other levers start from them)."""
     name, calib, test, stats = setup.name, setup.calib, setup.test, setup.stats
     latency = target.startswith("latency=")
     rows = []
@@ -123,13 +129,19 @@ def run(setup: Setup, target: str, env: dict) -> list[dict]:
                                         progress=False, propagate=True)
     record("propagate", accuracy(propagated, test, progress=False), time.perf_counter() - tick)
     tick = time.perf_counter()
-    record("BN re-estimated", accuracy(bn_reestimated(model, calib), test, progress=False), time.perf_counter() - tick)
+    if "BN re-estimated" in levers:
+        record("BN re-estimated", accuracy(bn_reestimated(model, calib), test, progress=False),
+               time.perf_counter() - tick)
     for lever, source, inference in (("int8", model, report["inference"]),
                                      ("propagate + int8", propagated, preport["inference"])):
+        if lever not in levers:
+            continue
         tick = time.perf_counter()
         top1, speedup = int8(source, setup.original, calib, test, inference)
         record(lever, top1, time.perf_counter() - tick, speedup_vs_original=speedup)
     for epochs in (1, 5):
+        if f"distilled {epochs} epoch{'s' if epochs > 1 else ''}" not in levers:
+            continue
         tick = time.perf_counter()
         student = copy.deepcopy(model)
         distill(student, setup.model, calib, epochs=epochs, progress=False)
@@ -156,7 +168,9 @@ def report(rows: list[dict], env: dict) -> str:
     lines = ["## Levers beyond the paper (`benchmarks/levers.py`)", "",
              "Each lever alone on top of the default compression, and the two label-free ones combined (2048 CIFAR-10 "
              "training images calibrate; top-1 on the full test set). int8: ONNX Runtime static quantization of the "
-             "compressed model, top-1 measured in ONNX Runtime, in parentheses its speed-up over the float original "
+             "compressed model with its factorized layers in the execution forms fastest in int8 (measured, any "
+             "form: `datd quantize --forms fastest`; rows before 2026-12-06T06:50 kept the float forms), top-1 "
+             "measured in ONNX Runtime, in parentheses its speed-up over the float original "
              f"(ONNX Runtime, batch {LATENCY_BATCH}, interleaved medians, same run). Distillation (reported "
              "apart: every other table is without fine-tuning): KL to the original's outputs on the 2048 calibration "
              "images, Adam 1e-4 with cosine decay, mirrored images. BatchNorm re-estimation is measured because "
@@ -184,8 +198,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cifar_resnet20")
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--levers", default=",".join(LEVERS),
+                        help="levers to (re)measure; the others' rows are kept (default and propagate always rerun)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
+    levers = args.levers.split(",")
+    if set(levers) - set(LEVERS):
+        parser.error(f"unknown levers {sorted(set(levers) - set(LEVERS))}; choose from {LEVERS}")
     env = environment()
     rows = read_results(NAME)
     if not args.report_only:
@@ -196,7 +215,9 @@ def main() -> None:
                 rows = [r for r in rows if (r["model"], r["target"]) != (name, "none")] + [reference(setup, env)]
                 write_results(NAME, rows)
                 for target in args.targets.split(","):
-                    rows = [r for r in rows if (r["model"], r["target"]) != (name, target)] + run(setup, target, env)
+                    new = run(setup, target, env, levers)
+                    done = {r["lever"] for r in new}
+                    rows = [r for r in rows if (r["model"], r["target"]) != (name, target) or r["lever"] not in done] + new
                     write_results(NAME, rows)
     update_section(NAME, report(rows, env))
 

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -20,7 +21,7 @@ from .export import FORMATS, export
 from .latency import tune_allocator
 from .models import load_model
 from .pipeline import CompressConfig, compress
-from .plan import METHODS
+from .plan import METHODS, Target
 from .quantize import CALIBRATION_METHODS
 from .report import write_report
 from .stats import Statistics, batch_inputs, collect_stats, sums_bytes
@@ -383,7 +384,13 @@ def export_command(directory, format_, out_path, input_size) -> None:
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="int8 ONNX file [default: DIRECTORY/model.int8.onnx]")
 @click.option("--seed", default=0, show_default=True, help="seed of the calibration subset")
-def quantize_command(directory, data, calib, method, eval_data, eval_limit, latency_batch, out_path, seed) -> None:
+@click.option("--forms", "form_choice", type=click.Choice(["auto", "fastest", "compact", "compressed"]),
+              default="auto", show_default=True,
+              help="execution forms of the factorized layers in int8: the fastest, measured in ONNX Runtime "
+              "(fastest: any form; compact: none with more than 5%% more weights; auto: compact for a params "
+              "target, else fastest), or those the compression measured for float (compressed)")
+def quantize_command(directory, data, calib, method, eval_data, eval_limit, latency_batch, out_path, seed,
+                     form_choice) -> None:
     """int8 on top: post-training static quantization (ONNX Runtime) of a compressed model directory; its
     accuracy and measured latency (ONNX Runtime, CPU) next to the float compressed model and the original,
     in DIRECTORY/quantized.json."""
@@ -391,7 +398,7 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
 
     from .export import OnnxModel
     from .latency import compare, example_batch
-    from .quantize import quantize
+    from .quantize import int8_forms, quantize
 
     config, loaded, model = _open_compressed(directory)
     out = Path(out_path or Path(directory) / "model.int8.onnx")
@@ -400,9 +407,18 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
     click.echo(f"quantizing {directory} to int8 ({calib} calibration images from {data}, {method} ranges)", err=True)
     first = batch_inputs(next(iter(loader)))
     result: dict = {"calib": calib, "data": data, "method": method}
+    inference = dict(config["inference"])
+    if form_choice == "auto":
+        form_choice = "fastest" if _compressed_for_speed(directory) else "compact"
+    if form_choice != "compressed":
+        inference["forms"], trials = int8_forms(model, loader, batch=latency_batch,
+                                                size_slack=0.05 if form_choice == "compact" else None, **inference)
+        result["forms"] = {"choice": form_choice, "chosen": dict(Counter(inference["forms"].values())),
+                           "trials": trials}
     with tempfile.TemporaryDirectory(prefix="datd-quantize-") as work:
-        float_file = Path(work) / "float.onnx"
-        quantize(model, loader, out, images=calib, method=method, float_path=float_file, **config["inference"])
+        float_file = Path(work) / "float.onnx"  # in the forms fastest in float
+        quantize(model, loader, out, images=calib, method=method, **inference)
+        export(model, first[:2].float(), float_file, "onnx", **config["inference"])
         export(loaded.model, first[:2], Path(work) / "original.onnx")
         sessions = {"original": OnnxModel(Path(work) / "original.onnx"), "float": OnnxModel(float_file),
                     "int8": OnnxModel(out)}
@@ -424,6 +440,9 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
     click.echo(f"latency   {1e3 * lat['original_s']:.2f} ms original, {1e3 * lat['float_s']:.2f} ms compressed, "
                f"{1e3 * lat['int8_s']:.2f} ms int8 per batch of {lat['batch']} ({lat['speedup_vs_original']:.2f}x "
                f"faster than the original, {lat['speedup_vs_float']:.2f}x than the float compressed model)")
+    if "forms" in result:
+        chosen = ", ".join(f"{n} {f}" for f, n in result["forms"]["chosen"].items()) or "no factorized layers"
+        click.echo(f"forms     {chosen} (the {result['forms']['choice']} in int8, measured)")
     click.echo(f"size      {result['bytes_float'] / 2**20:.2f} MiB float -> {result['bytes'] / 2**20:.2f} MiB int8")
     click.echo(f"model     {out}")
     click.echo(f"report    {Path(directory) / 'quantized.json'}")
@@ -486,6 +505,16 @@ def finetune_command(directory, data, calib, epochs, lr, temperature, label_weig
                    f"after {epochs} epoch(s) of distillation (KL to the original {result['kl_before']:.4f} -> "
                    f"{result['kl_after']:.4f} nats per image)")
     click.echo(f"model     {out}/")
+
+
+def _compressed_for_speed(directory) -> bool:
+    """Whether the directory's report says it was compressed to a MAC or latency target (else: for size, or
+    unknown)."""
+    try:
+        target = io.read_json(Path(directory) / "report.json")["config"]["target"]
+        return Target.parse(target).metric != "params"
+    except (OSError, ValueError, KeyError, TypeError, DatdError):
+        return False
 
 
 def _open_compressed(directory):
