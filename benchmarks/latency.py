@@ -16,6 +16,8 @@ next run unless --redo names their section):
             MobileNetV2 (the real ImageNet weights in ../shared/data; latency=0.9/0.8/0.7) at 224×224, calibrated on a
             seeded half of the 1,000-image ImageNet sample (top-1 of MobileNetV2 on the other half); targets planned
             at batch 16; timed at batch 1 and 16.
+- granularity: CIFAR-10 ResNet-20/56 at params=0.25 and macs=0.33 with every rank allowed (``rank_multiple=1``)
+            and with the default granularity (multiples of 8), timed at batch 1 and 32 in eager and ONNX Runtime.
 - pareto:   latency targets 0.9 … 0.6 for the default (method auto), CP and Tucker-2: top-1 against measured
             latency (plots; the cifar section's default results join the default's line). Run for ResNet-20 (the
             ResNet-56 plot shows the default's cifar results only: the other methods take hours there).
@@ -128,8 +130,11 @@ class Runner:
     # -- one result
 
     def run(self, section: str, name: str, target: str, method: str, plan_batch: int, batches: list[int],
-            engines: tuple[str, ...]) -> None:
+            engines: tuple[str, ...], extra: dict | None = None) -> None:
+        """One compression of ``name`` to ``target`` (``extra``: further ``datd.compress`` settings), timed."""
         key = f"{section}|{name}|{target}|{method}|plan batch {plan_batch}"
+        if extra:
+            key += "|" + ",".join(f"{k}={v}" for k, v in sorted(extra.items()))
         if key in self.done:
             return
         stats, stats_seconds = self.statistics(name)
@@ -141,7 +146,7 @@ class Runner:
             warnings.simplefilter("always")
             compressed, report = datd.compress(original, calib, target=target, method=method, stats=stats,
                                                latency_batch=plan_batch, fit_cache=cache, progress=False,
-                                               **self.fit_settings(name))
+                                               **self.fit_settings(name), **(extra or {}))
         seconds = time.perf_counter() - start
         row = {
             "key": key, "section": section, "model": name, "target": target, "method": method, "plan_batch": plan_batch,
@@ -149,7 +154,7 @@ class Runner:
             "accuracy": None if evaluation is None else accuracy(compressed, evaluation, progress=False),
             "params_ratio": report["params_ratio"], "macs_ratio": report["macs_ratio"],
             "compress_seconds": seconds, "stats_seconds": stats_seconds, "timings": report["timings"],
-            "settings": self.fit_settings(name),
+            "settings": {**self.fit_settings(name), **(extra or {})}, "rank_multiple": report.get("rank_multiple"),
             "planned": {k: v for k, v in report["latency"].items() if k != "forms"},
             "warnings": sorted({str(w.message) for w in caught if "latency" in str(w.message)}),
             "layers": {l["name"]: [l.get("method", "dense"), l.get("ranks"), report["inference"]["forms"].get(l["name"])]
@@ -221,6 +226,15 @@ def cifar(runner: Runner, models: list[str]) -> None:
         runner.run("cifar", name, "latency=0.8", "auto", 1, [1, 32, 128], ("eager", "ort", "fresh"))  # planned for batch 1
 
 
+def granularity(runner: Runner, models: list[str]) -> None:
+    """params/macs plans with every rank allowed against the default granularity (multiples of 8)."""
+    for name in models:
+        for target in ("params=0.25", "macs=0.33"):
+            for multiple in (1, 0):
+                runner.run("granularity", name, target, "auto", 32, [1, 32], ("eager", "ort"),
+                           extra={"rank_multiple": multiple})
+
+
 def imagenet(runner: Runner, models: list[str]) -> None:
     for name in models:
         # MobileNetV2 (already a mobile design: only mild targets keep it usable) and the ResNets
@@ -287,10 +301,9 @@ def plots(rows: list[dict]) -> list[str]:
 
 
 def markdown(rows: list[dict], figures: list[str]) -> str:
-    results = [r for r in rows if r["section"] in ("cifar", "imagenet", "pareto")]
+    results = [r for r in rows if r["section"] in ("cifar", "imagenet", "pareto", "granularity")]
     if not results:
         return "## Latency (`benchmarks/latency.py`)\n\nNo results yet.\n"
-    env = results[-1]
     lines = [
         "## Latency: measured speed of compressed models (`benchmarks/latency.py`)",
         "",
@@ -302,7 +315,10 @@ def markdown(rows: list[dict], figures: list[str]) -> str:
         "No fine-tuning anywhere; top-1 on the full CIFAR-10 test set, or on the held-out half of the ImageNet sample.",
         "",
     ]
-    for section, batches in (("cifar", ["1", "32", "128"]), ("imagenet", ["1", "16"])):
+    titles = {"cifar": "CIFAR-10 ResNets", "imagenet": "ImageNet architectures at 224×224",
+              "granularity": "Rank granularity of params/macs plans (`--sections granularity`): every rank against "
+                             "the default multiples of 8"}
+    for section, batches in (("cifar", ["1", "32", "128"]), ("imagenet", ["1", "16"]), ("granularity", ["1", "32"])):
         chosen = [r for r in results if r["section"] == section]
         if not chosen:
             continue
@@ -312,11 +328,15 @@ def markdown(rows: list[dict], figures: list[str]) -> str:
         if section == "cifar":
             head += ["default malloc b32"]
         head += ["compress s"]
-        lines += [f"### {'CIFAR-10 ResNets' if section == 'cifar' else 'ImageNet architectures at 224×224'}", "",
+        lines += [f"### {titles[section]}", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in chosen:
             top1 = f"{_acc(r['accuracy_before'])} → {_acc(r['accuracy'])}" if r["accuracy"] is not None else "—"
-            cells = [r["model"], f"{r['target']} ({r['plan_batch']})", top1, _fmt(r["params_ratio"]), _fmt(r["macs_ratio"])]
+            plan = f"{r['target']} ({r['plan_batch']})"
+            if section == "granularity":
+                multiple = r.get("rank_multiple") or 1
+                plan = f"{r['target']}, {'every rank' if multiple == 1 else f'multiples of {multiple}'}"
+            cells = [r["model"], plan, top1, _fmt(r["params_ratio"]), _fmt(r["macs_ratio"])]
             cells += [_fmt(_ratio(r["times"], "eager", b)) for b in batches]
             mark = "*" if r.get("date", "") < SPINNING_FIXED else ""
             cells += [_fmt(_ratio(r["times"], "ort", b)) + mark for b in batches]
@@ -346,7 +366,13 @@ def markdown(rows: list[dict], figures: list[str]) -> str:
                 lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
         lines += ["", "Cells: top-1 (measured latency ratio).", ""]
         lines += [f"![{f}](benchmarks/results/{f})" for f in figures] + [""]
-    lines.append(env_lines(env))
+    # every run whose rows are shown: machine, versions, commit and command (the latest date of each)
+    runs: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["machine"], r["commit"], r["command"])
+        if key not in runs or r["date"] > runs[key]["date"]:
+            runs[key] = r
+    lines += sorted(env_lines(r) for r in runs.values())
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +398,8 @@ def main() -> None:
             pareto(runner, chosen or ["cifar_resnet20", "cifar_resnet56"])
         if "imagenet" in sections:
             imagenet(runner, chosen or list(IMAGENET_MODELS))
+        if "granularity" in sections:
+            granularity(runner, chosen or ["cifar_resnet20", "cifar_resnet56"])
     update_section(NAME, markdown(runner.rows, plots(runner.rows)))
 
 
