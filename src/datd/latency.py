@@ -72,10 +72,10 @@ def tune_allocator() -> str:
 
 
 # Rank granularity of plans made for parameters or MACs: machine-independent (the same plan on every machine), and
-# what every CPU vector unit and GPU computes in at least. Measured on ResNet-20 (AMD EPYC, AVX-512, batch 32):
-# at macs=0.33 every rank allowed ran at 0.94 of the original's eager time and 1.12 in ONNX Runtime, multiples of
-# 8 at 0.82 / 0.91 and of 16 at 0.77 / 0.56, top-1 88.98 / 88.97 / 89.16%; at params=0.25 1.09 → 0.83 / 0.91
-# → 0.79, top-1 87.83 / 87.75 / 87.25% (16 is too coarse for 16-channel layers).
+# what every CPU vector unit and GPU computes in at least. Measured on the CIFAR ResNet-20/56 at params=0.25 and
+# macs=0.33 (AMD EPYC, batch 32, `benchmarks/latency.py --sections granularity`): with every rank allowed the
+# models ran at 1.13-1.50 of the original's time in ONNX Runtime, with multiples of 8 at 0.57-0.67 (torch eager:
+# within noise, 0.74-1.26), for 0.1-0.5 points of top-1.
 PORTABLE_RANK_MULTIPLE = 8
 
 
