@@ -232,17 +232,14 @@ class _Branchy(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-def test_params_and_macs_plans_use_ranks_in_multiples_of_8_unless_the_budget_needs_finer_ones(setup):
+def test_params_and_macs_plans_allow_every_rank_unless_a_multiple_is_asked_for(setup):
     model, calib, _ = setup
-    _, report = datd.compress(model, calib, target="macs=0.6", measure_latency=False, **FAST)
+    _, report = datd.compress(model, calib, target="macs=0.6", measure_latency=False, rank_multiple=8, **FAST)
     assert report["rank_multiple"] == 8 and report["macs_ratio"] <= 0.6
     ranks = [r for l in report["layers"] if l.get("method") not in (None, "dense") for r in l["ranks"]]
     assert ranks and all(r % 8 == 0 for r in ranks)
-    _, fine = datd.compress(model, calib, target="macs=0.6", measure_latency=False, rank_multiple=1, **FAST)
+    _, fine = datd.compress(model, calib, target="macs=0.6", measure_latency=False, **FAST)
     assert fine["rank_multiple"] == 1 and fine["macs_ratio"] <= 0.6
-    # a budget only finer ranks reach: every rank rather than an infeasible plan (here: 16-channel layers)
-    _, tight = datd.compress(model, calib, target="params=0.12", measure_latency=False, **FAST)
-    assert tight["rank_multiple"] == 1 and tight["params_ratio"] <= 0.12
 
 
 def test_layers_called_twice_are_pooled_and_layers_never_called_are_skipped_with_the_reason():

@@ -178,8 +178,8 @@ def _budgets(scale: str) -> dict:
 @click.option("--latency-batch", default=DEFAULTS.latency_batch, show_default=True,
               help="batch size at which latency is measured (and budgeted with latency=F)")
 @click.option("--rank-multiple", default=DEFAULTS.rank_multiple, show_default=True,
-              help="every rank a multiple of M; 0 = automatic (the device's granularity for latency targets, 8 "
-              "else); 1 allows every rank")
+              help="every rank a multiple of M; 0 = automatic (the device's granularity for latency targets, 1 else; "
+              "8 makes params/macs plans faster, see README)")
 @click.option("--memory-format", type=click.Choice(["auto", "contiguous", "channels_last"]),
               default=DEFAULTS.memory_format, show_default=True, help="memory format of the inference form")
 @click.option("--latency-cache", default=DEFAULTS.latency_cache, show_default=True,

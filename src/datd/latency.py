@@ -71,14 +71,6 @@ def tune_allocator() -> str:
     return _TUNED
 
 
-# Rank granularity of plans made for parameters or MACs: machine-independent (the same plan on every machine), and
-# what every CPU vector unit and GPU computes in at least. Measured on the CIFAR ResNet-20/56 at params=0.25 and
-# macs=0.33 (AMD EPYC, batch 32, `benchmarks/latency.py --sections granularity`): with every rank allowed the
-# models ran at 1.13-1.50 of the original's time in ONNX Runtime, with multiples of 8 at 0.57-0.67 (torch eager:
-# within noise, 0.74-1.26), for 0.1-0.5 points of top-1.
-PORTABLE_RANK_MULTIPLE = 8
-
-
 def default_rank_multiple(device: str | torch.device) -> int:
     """Rank granularity that the device computes in: 16 on AVX-512 CPUs (oneDNN blocks output channels by 16;
     measured on this project's CPU: a conv with 17–32 output channels takes the time of one with 32), 8 on

@@ -39,8 +39,8 @@ from .fitting import (
 )
 from .inference import MEMORY_FORMATS, for_inference
 from .latency import (
-    PORTABLE_RANK_MULTIPLE, LatencyCache, LatencyModel, best_memory_format, compare, default_cache_path,
-    default_rank_multiple, example_batch, tune_allocator,
+    LatencyCache, LatencyModel, best_memory_format, compare, default_cache_path, default_rank_multiple, example_batch,
+    tune_allocator,
 )
 from .layers import FACTORIZED_TYPES, Cost, Geometry, dense_cost, factorize
 from .layers import build as build_factorized
@@ -98,9 +98,9 @@ class CompressConfig:
     min_params: layers with fewer weights are left alone.
     rank_multiple: every rank a multiple of this (hardware-friendly ranks); 0 = automatic: for latency
         targets the device's granularity (``datd.latency.default_rank_multiple``: 16 on AVX-512 CPUs, else 8),
-        for params/macs targets ``PORTABLE_RANK_MULTIPLE`` (8: the same plan on every machine, and ranks the
-        kernels run well at; any rank allowed ran slower than the original on ResNet-20 at the same top-1); 1
-        allows every rank.
+        for params/macs targets 1 (any rank: those budgets count exactly, not in time; multiples of 8 run
+        1.5–1.75× faster in ONNX Runtime on the CIFAR ResNets for 0.1–0.5 points of top-1, and their int8 forms
+        lost more: ``benchmarks/latency.py --sections granularity``, README).
     latency_batch: batch size at which latency is measured and budgeted (``latency=F``: F of the original
         model's measured latency at this batch, on the run's device, with the current torch thread count).
     memory_format: 'auto' (the faster for the original model, measured), 'contiguous' or 'channels_last'.
@@ -406,14 +406,10 @@ def compress(
         else:
             if plan_file is not None:
                 choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
-            elif config.ranks == "uniform":  # the paper's baseline: the same ratio everywhere, every rank allowed
-                choice = _uniform(layers, budget, target, settings, total, fixed, config.rank_multiple or 1)
+            elif config.ranks == "uniform":
+                choice = _uniform(layers, budget, target, settings, total, fixed, multiple)
             else:
                 options = _options(layers, config, target, multiple, progress)
-                if not config.rank_multiple and multiple > 1 and \
-                        cheapest(options, target.metric, producers) > budget:
-                    multiple = 1  # the automatic granularity cannot reach this budget (small layers): every rank
-                    options = _options(layers, config, target, multiple, progress)
                 try:
                     choice = allocate(options, budget, target.metric, producers)
                 except ValueError as exc:
@@ -872,7 +868,7 @@ def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: Fi
 def _rank_multiple(config: CompressConfig, device: torch.device) -> int:
     if config.rank_multiple:
         return config.rank_multiple
-    return default_rank_multiple(device) if Target.parse(config.target).metric == "latency" else PORTABLE_RANK_MULTIPLE
+    return default_rank_multiple(device) if Target.parse(config.target).metric == "latency" else 1
 
 
 def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, multiple: int, progress: bool,
