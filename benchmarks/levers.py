@@ -140,13 +140,13 @@ def run(setup: Setup, target: str, env: dict, levers: list[str] = LEVERS) -> lis
         top1, speedup = int8(source, setup.original, calib, test, inference)
         record(lever, top1, time.perf_counter() - tick, speedup_vs_original=speedup)
     for epochs in (1, 5):
-        if f"distilled {epochs} epoch{'s' if epochs > 1 else ''}" not in levers:
+        lever = f"distilled {epochs} epoch{'s' if epochs > 1 else ''}"
+        if lever not in levers:
             continue
         tick = time.perf_counter()
         student = copy.deepcopy(model)
         distill(student, setup.model, calib, epochs=epochs, progress=False)
-        record(f"distilled {epochs} epoch{'s' if epochs > 1 else ''}", accuracy(student, test, progress=False),
-               time.perf_counter() - tick)
+        record(lever, accuracy(student, test, progress=False), time.perf_counter() - tick)
     return rows
 
 

@@ -418,8 +418,11 @@ def quantize_command(directory, data, calib, method, eval_data, eval_limit, late
                            "trials": trials}
     with tempfile.TemporaryDirectory(prefix="datd-quantize-") as work:
         float_file = Path(work) / "float.onnx"  # in the forms fastest in float
-        quantize(model, loader, out, images=calib, method=method, **inference)
-        export(model, first[:2].float(), float_file, "onnx", **config["inference"])
+        same_forms = form_choice == "compressed"  # then quantize's own float export is that model
+        quantize(model, loader, out, images=calib, method=method, float_path=float_file if same_forms else None,
+                 **inference)
+        if not same_forms:
+            export(model, first[:2].float(), float_file, "onnx", **config["inference"])
         export(loaded.model, first[:2], Path(work) / "original.onnx")
         sessions = {"original": OnnxModel(Path(work) / "original.onnx"), "float": OnnxModel(float_file),
                     "int8": OnnxModel(out)}

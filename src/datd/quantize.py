@@ -109,9 +109,10 @@ def int8_forms(model: nn.Module, calib: Iterable, *, forms: dict[str, str] | Non
     its int8 outputs on the timing batch are as close to the float model's as the best's (relative error at most
     ``error_slack`` above it: merged factors can quantize worse).
     Trials are quantized with min/max ranges from ``images`` images: ranges change the scales, not the kernels
-    that run (``calib`` is read once per trial: a list or DataLoader, not a one-shot generator). ``size_slack``: forms whose model holds more than (1 + slack) times the weights of the model in
-    ``forms`` are not tried (merging a CP layer's factors into one k×k conv is often fastest and has several
-    times its weights: not what a model compressed for size should become); None tries every form. Returns
+    that run (``calib`` is read once per trial: a list or DataLoader, not a one-shot generator). ``size_slack``:
+    forms whose model holds more than (1 + slack) times the weights of the model in ``forms`` are not tried
+    (merging a CP layer's factors into one k×k conv is often fastest and has several times its weights: not what
+    a model compressed for size should become); None tries every form. Returns
     (the forms, the trials: per type, the seconds of each form tried and of the best before, and the forms
     left out for their size, the relative output error of each)."""
     from .latency import compare, example_batch
