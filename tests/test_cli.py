@@ -17,7 +17,7 @@ def test_help_documents_every_option():
     for option in ("--model", "--weights", "--data", "--calib", "--target", "--method", "--norm", "--ranks", "--stats",
                    "--eval-data", "--out", "--device", "--seed", "--bias-correction", "--latency-batch", "--rank-multiple",
                    "--memory-format", "--latency-cache", "--measure-latency", "--probe-images", "--shrinkage",
-                   "--propagate", "--fit-budget", "--positions", "--overwrite", "--resume"):
+                   "--propagate", "--propagate-residual", "--fit-budget", "--positions", "--overwrite", "--resume"):
         assert option in out
     assert "--positions" in invoke(["stats", "--help"]).output
     assert "latency=F" in out

@@ -1,16 +1,17 @@
 """Propagated (error-compensating) fits: the corrected problem and what it buys (datd.propagate)."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import datd
 from datd.fitting import FitSettings, LayerProblem, fit
 from datd.layers import Geometry, factorize
 from datd.propagate import call_order, corrected_problem, paired_statistics
-from datd.stats import collect_stats
+from datd.stats import collect_stats, conv_patches
 from datd.surgery import replace_module
 
 D64 = torch.float64
@@ -237,3 +238,114 @@ def test_a_model_fx_cannot_trace_gets_passes_from_the_images():
     fast = passes.statistics(["head"], calls, ["head"])["head"]
     full = paired_statistics(model, compressed, ["head"], calls, images)["head"]
     assert torch.equal(fast.cross, full.cross) and not torch.equal(full.cross, full.sigma)
+
+
+class _Residual(nn.Module):
+    """conv1 → BN → ReLU → conv2 → BN, added to the block's input (grouped / reflect-padded conv2 on request)."""
+
+    def __init__(self, channels: int, groups: int = 1, padding_mode: str = "zeros"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False, padding_mode=padding_mode)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+@pytest.mark.parametrize("groups,padding_mode", [(1, "zeros"), (2, "reflect")])
+def test_residual_compensation_moments_match_im2col_and_take_up_the_shortcut_error(groups, padding_mode):
+    """The last conv of a residual block gets E[d x̃ᵀ] and E[d] of d = (o − õ)·a/(a² + δ), o the block's input
+    (the add's other value) and a bn2's scale, equal to those formed from im2col patches; its corrected weight
+    (full rank) reproduces the block's sum better than the correction without them."""
+    import datd.propagate as propagate
+    from datd.graph import affine_scale
+    from datd.propagate import PairedPasses
+
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Residual(8),
+                                      _Residual(8, groups, padding_mode), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(8, 5)), 6).double()
+    compressed = copy.deepcopy(model)
+    images = [torch.rand(5, 3, 10, 10, dtype=D64), torch.rand(4, 3, 10, 10, dtype=D64)]
+    names = ["0", "2.conv1", "2.conv2", "3.conv1", "3.conv2", "6"]
+    _, calls = call_order(model, names, images[0][:1])
+    passes = PairedPasses(model, compressed, images, {n: [n] for n in names})
+    assert set(passes.sinks) == {"2.conv2", "3.conv2"} and passes.sinks["3.conv2"].affine == ("3.bn2",)
+    torch.manual_seed(7)
+    with torch.no_grad():  # stand-ins for the fits before: the block's input and conv2's input both change
+        for name in ("0", "2.conv2", "3.conv1"):
+            w = compressed.get_submodule(name).weight
+            w.mul_(1 + 0.3 * torch.randn_like(w))
+    paired = passes.statistics(["3.conv2"], calls, ["3.conv2", "6"])["3.conv2"]
+    assert paired.residual is not None
+
+    # the same moments from the blocks' values and im2col patches
+    def values(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        seen = {}
+        hooks = [m[3].register_forward_pre_hook(lambda _, a: seen.update(o=a[0])),
+                 m[3].conv2.register_forward_pre_hook(lambda _, a: seen.update(x=a[0]))]
+        with torch.no_grad():
+            m(x)
+        for h in hooks:
+            h.remove()
+        return seen["o"], seen["x"]
+
+    scale = affine_scale([model[3].bn2])
+    factor = scale / (scale.square() + propagate._DAMPING * scale.square().mean())
+    cross, total, count = 0, 0, 0
+    for x in images:
+        (o, _), (ot, xt) = values(model, x), values(compressed, x)
+        d = ((o - ot) * factor[None, :, None, None]).flatten(2)  # (N, T, L)
+        cols, _ = conv_patches(model[3].conv2, xt)  # (N, G, D, L)
+        rows = 8 // groups
+        cross += torch.cat([torch.einsum("ntl,ndl->td", d[:, g * rows:(g + 1) * rows], cols[:, g])
+                            for g in range(groups)])
+        total, count = total + d.sum(dim=(0, 2)), count + d.shape[0] * d.shape[2]
+    assert torch.allclose(paired.residual.cross, cross / count, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(paired.residual.mean, total / count, rtol=1e-10, atol=1e-14)
+
+    # the block's sum (before its ReLU) with conv2 at full rank: closer to the original's with the compensation
+    stats = collect_stats(model, images, progress=False)
+    conv, s = model[3].conv2, stats["3.conv2"]
+    plain = LayerProblem("3.conv2", conv.weight.detach(), s.sigma, s.mean, Geometry.of(conv, s.input_hw, s.output_hw),
+                         torch.zeros(8, dtype=D64))
+
+    def sum_error(problem: LayerProblem) -> float:
+        errors = []
+        for x in images:
+            block, block_t = model[3], copy.deepcopy(compressed[3])
+            with torch.no_grad():
+                block_t.conv2.weight.copy_(problem.weight)
+                block_t.conv2.bias = nn.Parameter(problem.corrected_bias(problem.weight, True))
+                (o, xi), (ot, xti) = values(model, x), values(compressed, x)
+                errors.append(float(((block.bn2(block.conv2(xi)) + o - block_t.bn2(block_t.conv2(xti)) - ot) ** 2)
+                                    .sum()))
+        return sum(errors)
+
+    without = dataclasses.replace(paired, residual=None)
+    compensated = sum_error(corrected_problem(plain, paired, True, ridge=1e-9))
+    assert compensated < 0.9 * sum_error(corrected_problem(plain, without, True, ridge=1e-9))
+
+
+def test_residual_sinks_of_torchvision_blocks():
+    """Every ResNet block's last conv and its downsample conv, and each inverted residual's projection that is added
+    to the block's input, reach their add through their BatchNorm alone; nothing else does."""
+    import torchvision
+
+    from datd.graph import TracedModel
+
+    resnet = torchvision.models.resnet18().eval()
+    names = [n for n, m in resnet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sinks = TracedModel(resnet).sinks(names, resnet)
+    assert set(sinks) == {f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)} | {
+        f"layer{s}.0.downsample.0" for s in range(2, 5)}
+    assert sinks["layer2.0.conv2"].affine == ("layer2.0.bn2",)
+    mobilenet = torchvision.models.mobilenet_v2().eval()
+    names = [n for n, m in mobilenet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    sinks = TracedModel(mobilenet).sinks(names, mobilenet)
+    residual = [i for i, f in enumerate(mobilenet.features) if getattr(f, "use_res_connect", False)]
+    assert len(residual) == 10 and set(sinks) == {f"features.{i}.conv.{len(mobilenet.features[i].conv) - 2}"
+                                                  for i in residual}
+    mobilenet.train()  # BatchNorms in training mode are no fixed per-channel scale
+    assert not TracedModel(mobilenet).sinks(names, mobilenet)

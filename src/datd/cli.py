@@ -195,8 +195,12 @@ def _budgets(scale: str) -> dict:
               help="with --method auto, offer channel pruning among the options (--no-prune: factorizations only, "
                    "every layer keeps its channel counts; safer with statistics from another data set)")
 @click.option("--propagate/--no-propagate", default=DEFAULTS.propagate, show_default=True,
-              help="fit each layer to the inputs it receives from the already compressed layers before it "
-                   "(one extra pass over the calibration images per layer)")
+              help="fit each layer to the inputs it receives from the already compressed layers before it, and "
+                   "the last layer of each residual branch to also take up the error on the branch's shortcut "
+                   "(about one extra pass of each model over the calibration images, plus paired moments)")
+@click.option("--propagate-residual/--no-propagate-residual", default=DEFAULTS.propagate_residual,
+              show_default=True, help="with --propagate: the residual compensation (off: each layer reproduces "
+                                      "only its own original outputs)")
 @click.option("--fit-budget", default="1", show_default=True,
               help="scale the work each layer's fits may spend (multiply-adds: planning fits "
                    f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
@@ -210,13 +214,14 @@ def _budgets(scale: str) -> dict:
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
                      memory_format, latency_cache, measure_latency, probe_images, shrinkage, prune, propagate,
-                     fit_budget, positions, overwrite, resume, **preprocessing) -> None:
+                     propagate_residual, fit_budget, positions, overwrite, resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                            prune=prune, propagate=propagate, positions=positions, **_budgets(fit_budget))
+                            prune=prune, propagate=propagate, propagate_residual=propagate_residual,
+                            positions=positions, **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)

@@ -9,9 +9,12 @@ for bit, for the cost of the rest of the graph.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +27,41 @@ def forward_with(module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | No
     if isinstance(module, nn.Conv2d):
         return module._conv_forward(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where a layer's output joins a sum of two values through per-channel affine modules only (the residual
+    add of a ResNet block, of an inverted residual): ``node``, the index of the add; ``other``, the fx node of the
+    other addend; ``affine``, the names of the eval-mode BatchNorms between the layer and the add (in order)."""
+
+    node: int
+    other: fx.Node
+    affine: tuple[str, ...]
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(node: fx.Node) -> bool:
+    """A plain binary sum of two graph values (no ``alpha``, no ``out``)."""
+    plain = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method"
+                                                                      and node.target in ("add", "add_"))
+    return plain and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def affine_scale(modules: list[nn.Module]) -> Tensor | None:
+    """The per-channel scale (T,) of eval-mode BatchNorms applied in sequence (float64), or None where one of
+    them is not a fixed per-channel affine map (training mode, no running statistics)."""
+    scale: Tensor | None = None
+    for m in modules:
+        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.training or m.running_var is None:
+            return None
+        s = (m.running_var.double() + m.eps).rsqrt()
+        if m.weight is not None:
+            s = s * m.weight.double()
+        scale = s if scale is None else scale * s
+    return scale
 
 
 class TracedModel:
@@ -46,6 +84,28 @@ class TracedModel:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if not placeholders or any(not n.args for n in placeholders[1:]):
             raise TypeError("the traced forward does not take exactly one required input")
+
+    def sinks(self, names: list[str], root: nn.Module) -> dict[str, Sink]:
+        """The layers among ``names`` (each called once) whose output reaches a two-value sum through nothing but
+        eval-mode BatchNorms, each used once: their ``Sink`` (``datd.propagate``'s residual compensation)."""
+        index = {n: i for i, n in enumerate(self.nodes)}
+        found: dict[str, Sink] = {}
+        for name in names:
+            if name not in self.start:
+                continue
+            node, affine = self.nodes[self.start[name]], []
+            while len(node.users) == 1:
+                user = next(iter(node.users))
+                if (user.op == "call_module" and user.target in self.start
+                        and affine_scale([root.get_submodule(str(user.target))]) is not None):
+                    node = user
+                    affine.append(str(user.target))
+                    continue
+                if _is_add(user) and user.args[0] is not user.args[1]:
+                    other = user.args[1] if user.args[0] is node else user.args[0]
+                    found[name] = Sink(index[user], other, tuple(affine))  # type: ignore[arg-type]
+                break
+        return found
 
     def run(self, x: Tensor | None, env: dict[fx.Node, Any] | None = None, start: int = 0,
             replace: Replacement | None = None, visit: Callable[[int, dict], None] | None = None,

@@ -125,6 +125,9 @@ class CompressConfig:
         ``propagate_group`` layers, from where those layers begin on a traced model). The plan is unchanged: same
         ranks, same cost.
     propagate_ridge: regularization of the corrected weights towards the original ones, relative to Σ̃'s scale.
+    propagate_residual: with ``propagate``, a layer whose output joins a residual add (through BatchNorms only)
+        also takes up the error the compression before it left in the add's other input (``datd.propagate``;
+        traced models only).
     positions: the fraction of each conv's output positions per image that the statistics use (1: all; below 1
         drawn at random with ``seed``: ``datd.stats.PositionSampler``, for large calibration sets).
     """
@@ -161,6 +164,7 @@ class CompressConfig:
     propagate: bool = False
     propagate_group: int = 1
     propagate_ridge: float = DEFAULT_RIDGE
+    propagate_residual: bool = True
     positions: float = 1.0
 
     def __post_init__(self) -> None:
@@ -545,7 +549,7 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
     # what installing each layer changes: itself and, when it prunes, its chain (where the passes may start)
     touches = {n: [n] + ([layers[n].chain.producer, *layers[n].chain.between]  # type: ignore[union-attr]
                          if choice[n].method == "prune" else []) for n in calls}
-    passes = PairedPasses(original, compressed, BatchCache(calib, first.device), touches)
+    passes = PairedPasses(original, compressed, BatchCache(calib, first.device), touches, config.propagate_residual)
     bar = tqdm(total=len(order), desc="fit (propagated)", unit="layer", disable=not progress, leave=False)
     for start in range(0, len(order), config.propagate_group):
         names = order[start:start + config.propagate_group]

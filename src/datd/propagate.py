@@ -16,11 +16,24 @@ few calibration images where D is large (a classifier head on a few hundred imag
 shrunk by α (``datd.shrinkage``), shrinking Σ̃ and K alike gives the same form with λ ≥ α/(1 − α)·tr(Σ̃)/D: the
 less the statistics are trusted, the less the weights are corrected (none at α = 1).
 
+Residual compensation. Where a layer's output joins a sum (a residual add) through nothing but eval-mode
+BatchNorms of per-channel scale a, the sum's other addend o also carries the error of the compression before
+it: the add receives õ where the original has o. The layer can take up that error too by reproducing
+W x + d, d = (o − õ)/a, instead of W x (``graph.Sink``; the difference of the sums is then a ⊙ (W̃ x̃ − W x − d)).
+With the moments E[d x̃ᵀ] and E[d] the corrected target becomes
+
+    W′ = W + (W (K − Σ̃) + E[d x̃ᵀ]) (Σ̃ + λI)⁻¹,   bias b + W μ + E[d] − W̃ μ̃,
+
+the same problem in the same norm. The inverse of a is damped, a/(a² + δ) with δ = ``_DAMPING`` · mean(a²), so
+that a channel the BatchNorm all but switches off is not asked to carry a huge correction. It needs the traced
+graph (``PairedPasses`` on a model ``torch.fx`` traces); elsewhere layers reproduce W x.
+
 Layers are processed in the order of their first call, in groups of ``group`` layers: one paired forward pass
 of the original and the partially compressed model per group, stopped as soon as the group's layers have seen
-all their calls, and started where the layers still to fit begin (``PairedPasses``: the values live there are
-kept per batch, so the passes together cost about one extra pass of each model, not one per group). Layers
-within one group are fitted to inputs that reflect the compression of the groups before it (not of each other).
+all their calls (and their residual adds their inputs), and started where the layers still to fit begin
+(``PairedPasses``: the values live there are kept per batch, so the passes together cost about one extra pass
+of each model, not one per group). Layers within one group are fitted to inputs that reflect the compression of
+the groups before it (not of each other).
 """
 
 from __future__ import annotations
@@ -29,10 +42,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fitting import LayerProblem
-from .graph import TracedModel
+from .graph import Sink, TracedModel, affine_scale
 from .shrinkage import shrink
 from .stats import _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, conv_patches, conv_pad, geometry_of
 
@@ -46,6 +60,8 @@ _ACTIVATION_BYTES = 1 << 32
 # A conv's paired moments come from the joint moments of [x; x̃] (``_Joint``) while those sums (two folds of
 # (2D)² float64 per group) take at most this many bytes; wider layers form only Σ̃ and K (``_Sums``).
 _JOINT_BYTES = 1 << 30
+# Damping of the inverse BatchNorm scale in residual compensation, relative to the mean squared scale.
+_DAMPING = 1e-2
 
 
 @dataclass
@@ -59,6 +75,16 @@ class PairedStats:
     mean: Tensor
     mean_tilde: Tensor
     count: int
+    residual: "Residual | None" = None
+
+
+@dataclass
+class Residual:
+    """Moments of a layer's residual compensation d (module docstring): ``cross`` E[d x̃ᵀ] (T, D) (a grouped
+    conv: the rows of group g read that group's D inputs), ``mean`` E[d] (T,), float64."""
+
+    cross: Tensor
+    mean: Tensor
 
 
 class _Stop(Exception):
@@ -69,11 +95,17 @@ class _Capture:
     """Forward pre-hooks that keep the inputs of the chosen layers of ``model`` for one batch and stop the
     pass after their last expected call (``calls`` per forward pass)."""
 
-    def __init__(self, model: nn.Module, names: list[str], calls: dict[str, int]):
+    def __init__(self, model: nn.Module, names: list[str], calls: dict[str, int],
+                 ready: Callable[[], bool] = lambda: True):
         self.model = model
         self.modules = {n: model.get_submodule(n) for n in names}
         self.calls = calls
+        self.ready = ready  # whether whoever else watches the pass is done with it too
         self.inputs: dict[str, list[Tensor]] = {}
+
+    @property
+    def done(self) -> bool:
+        return all(len(self.inputs[n]) >= self.calls[n] for n in self.modules)
 
     def run(self, forward: Callable[[], object]) -> dict[str, list[Tensor]]:
         """The layers' inputs during ``forward()`` (a pass of ``model``, or of its part from a point of its graph)."""
@@ -91,7 +123,7 @@ class _Capture:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             self.inputs[name].append(args[0].detach())
-            if all(len(self.inputs[n]) >= self.calls[n] for n in self.modules):
+            if self.done and self.ready():
                 raise _Stop
         return hook
 
@@ -228,21 +260,25 @@ class PairedPasses:
     """The paired forward passes of the original and the partially compressed model (the same module names)
     over the calibration ``inputs`` that propagated fits take their statistics from.
 
-    Where the model traces (``datd.graph``) and every layer to fit is called once, both models' values live at
-    the point where the layers still to fit begin are kept for every batch (``touches``: the modules each
-    layer's installation changes, itself and, when it prunes, its producer and what lies between; the point is
-    the first of their nodes over the layers not yet installed), while they take at most ``_ACTIVATION_BYTES``.
-    Each group's pass then runs from there, and the kept values move on once per group: in all about one extra
-    pass of each model over the images instead of one per group from the images, with the same values bit for bit
-    (the same operations on the same inputs). Otherwise every pass starts from the images."""
+    Where the model traces (``datd.graph``), layers whose output joins a residual add also get their residual
+    compensation (``residual``; module docstring); where, moreover, every layer to fit is called once, both models'
+    values live at the point where the layers still to fit begin are kept for every batch (``touches``: the modules
+    each layer's installation changes, itself and, when it prunes, its producer and what lies between; the point is
+    the first of their nodes over the layers not yet installed), while they take at most ``_ACTIVATION_BYTES``. Each
+    group's pass then runs from there, and the kept values move on once per group: in all about one extra pass of
+    each model over the images instead of one per group from the images, with the same values bit for bit (the same
+    operations on the same inputs). Otherwise (or once the kept values would outgrow their bound) every pass starts
+    from the images."""
 
     def __init__(self, original: nn.Module, compressed: nn.Module, inputs: Iterable[Tensor],
-                 touches: dict[str, list[str]] | None = None):
+                 touches: dict[str, list[str]] | None = None, residual: bool = True):
         self.original, self.compressed, self.inputs = original, compressed, inputs
         self.graph: TracedModel | None = None
         self.entry: dict[str, int] = {}
+        self.sinks: dict[str, Sink] = {}  # the layers with residual compensation (``residual``; traced models only)
         self.position = 0
         self.kept: list[tuple[dict, dict]] | None = None  # per batch: (original's, compressed's) values at position
+        self.spilled = False  # the kept values outgrew ``_ACTIVATION_BYTES``: every pass runs from the images
         if touches and not (isinstance(inputs, BatchCache) and inputs.kept is None):
             try:
                 graph = TracedModel(original)
@@ -254,6 +290,7 @@ class PairedPasses:
             if same and all(m in graph.start for ms in touches.values() for m in ms):
                 self.graph = graph
                 self.entry = {n: min(graph.start[m] for m in ms) for n, ms in touches.items() if ms}
+                self.sinks = graph.sinks(list(touches), original) if residual else {}
 
     @torch.no_grad()
     def statistics(self, names: list[str], calls: dict[str, int], pending: Iterable[str],
@@ -262,18 +299,25 @@ class PairedPasses:
         layers not installed yet (``names`` among them), before whose first node the passes may start."""
         self._advance(min((self.entry[n] for n in pending if n in self.entry), default=self.position))
         graph, position = self.graph, self.position
-        if graph is None or self.kept is None:
+        if graph is None:
             return paired_statistics(self.original, self.compressed, names, calls, self.inputs, chunk_elements)
-        # each run gets copies of the kept values: an in-place operation (ReLU(inplace=True), ``x.add_(y)``) on one
-        # of them would otherwise change what the next run starts from
-        runs = (((lambda e=e: graph.run(None, _copied(e), position, root=self.original)),
-                 (lambda e=t: graph.run(None, _copied(e), position, root=self.compressed))) for e, t in self.kept)
-        return _paired(self.original, self.compressed, names, calls, runs, chunk_elements)
+        if self.kept is None:
+            runs: Iterable[tuple[_Run, _Run]] = (
+                ((lambda visit, x=x: graph.run(x, visit=visit, root=self.original)),
+                 (lambda visit, x=x: graph.run(x, visit=visit, root=self.compressed))) for x in self.inputs)
+        else:
+            # each run gets copies of the kept values: an in-place operation (ReLU(inplace=True), ``x.add_(y)``) on
+            # one of them would otherwise change what the next run starts from
+            runs = (((lambda visit, e=e: graph.run(None, _copied(e), position, visit=visit, root=self.original)),
+                     (lambda visit, e=t: graph.run(None, _copied(e), position, visit=visit, root=self.compressed)))
+                    for e, t in self.kept)
+        sinks = {n: self.sinks[n] for n in names if n in self.sinks}
+        return _paired(self.original, self.compressed, names, calls, runs, chunk_elements, sinks)
 
     def _advance(self, position: int) -> None:
         """Move the kept values on to ``position`` (from the images the first time; given up, and every pass
         started from the images, once they would exceed ``_ACTIVATION_BYTES``)."""
-        if position <= self.position or self.graph is None:
+        if position <= self.position or self.graph is None or self.spilled:
             return
         graph, kept, size = self.graph, [], 0
 
@@ -294,7 +338,7 @@ class PairedPasses:
             size += sum(v.numel() * v.element_size() for values in kept[-1] for v in values.values()
                         if isinstance(v, Tensor))
             if size > _ACTIVATION_BYTES:
-                self.graph, self.kept = None, None
+                self.kept, self.spilled = None, True
                 return
         self.kept, self.position = [tuple(k) for k in kept], position  # type: ignore[misc]
 
@@ -311,19 +355,41 @@ def paired_statistics(original: nn.Module, compressed: nn.Module, names: list[st
     layers' last call (``calls`` per forward pass). Products are formed in the models' dtype and summed in
     float64: a conv's from the joint patch moments of [x; x̃] where the shifted path pays (``_Joint``), else on
     chunks of at most ``chunk_elements`` samples × D of im2col columns or rows (``_Sums``)."""
-    runs = (((lambda x=x: original(x)), (lambda x=x: compressed(x))) for x in inputs)
+    runs = (((lambda visit, x=x: original(x)), (lambda visit, x=x: compressed(x))) for x in inputs)
     return _paired(original, compressed, names, calls, runs, chunk_elements)
 
 
+# One model's pass (or the part of it that calls the layers) over one batch, given a ``TracedModel.run`` visitor.
+_Run = Callable[[Callable[[int, dict], None]], object]
+
+
 def _paired(original: nn.Module, compressed: nn.Module, names: list[str], calls: dict[str, int],
-            runs: Iterable[tuple[Callable[[], object], Callable[[], object]]], chunk_elements: int) -> dict[str, PairedStats]:
+            runs: Iterable[tuple[_Run, _Run]], chunk_elements: int,
+            sinks: dict[str, Sink] | None = None) -> dict[str, PairedStats]:
     """``paired_statistics`` over ``runs``: per batch, the passes (or the parts of them) of each model that call
-    the layers."""
+    the layers, and for the layers with a ``Sink`` (runs on the traced graph) their residual compensation."""
     modules = {n: original.get_submodule(n) for n in names}
     sums: dict[str, _Sums | _Joint] = {}
-    captures = (_Capture(original, names, calls), _Capture(compressed, names, calls))
+    residuals = {n: _ResidualSums(modules[n], original, s) for n, s in (sinks or {}).items()}
+    last = max((s.node for s in (sinks or {}).values()), default=-1)
     for run_plain, run_tilde in runs:
-        plain, tilde = captures[0].run(run_plain), captures[1].run(run_tilde)
+        addends: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
+        captured = []
+        for model, run, seen in zip((original, compressed), (run_plain, run_tilde), addends):
+            capture = _Capture(model, names, calls, ready=lambda seen=seen: len(seen) == len(residuals))
+
+            def visit(i: int, env: dict, seen=seen, capture=capture) -> None:
+                for n, r in residuals.items():
+                    if i == r.sink.node:
+                        seen[n] = env[r.sink.other].detach().clone()  # the add may write into it in place
+                if i >= last and capture.done:
+                    raise _Stop
+
+            captured.append(capture.run(lambda run=run, visit=visit: run(visit)))
+        plain, tilde = captured
+        for name, r in residuals.items():
+            if name in addends[0] and name in addends[1]:
+                r.add(tilde[name][0], addends[0][name], addends[1][name])
         for name, module in modules.items():
             for a, b in zip(plain[name], tilde[name]):
                 if isinstance(module, nn.Conv2d) and a.dim() == 3:  # an unbatched input
@@ -339,27 +405,87 @@ def _paired(original: nn.Module, compressed: nn.Module, names: list[str], calls:
                 chunk = max(1, chunk_elements // (xs.shape[0] * xs.shape[2]))
                 for start in range(0, xs.shape[1], chunk):
                     sums[name].add(xs[:, start:start + chunk], xts[:, start:start + chunk])
-    return {n: s.result() for n, s in sums.items()}
+    out = {n: s.result() for n, s in sums.items()}
+    for name, r in residuals.items():
+        if name in out and r.count:
+            out[name].residual = r.result()
+    return out
+
+
+class _ResidualSums:
+    """Float64 sums of a layer's residual compensation d = (o − õ) a/(a² + δ) (module docstring) against its
+    compressed-model input x̃: Σ d x̃ᵀ over output positions (a conv's by its weight gradient, one call per
+    batch; no patches unfolded) and Σ d. A batch whose addends do not have the layer's output shape (a
+    broadcasting add) ends the compensation for that layer."""
+
+    def __init__(self, module: nn.Module, model: nn.Module, sink: Sink):
+        self.module, self.sink = module, sink
+        scale = affine_scale([model.get_submodule(m) for m in sink.affine]) if sink.affine else None
+        self.factor = None if scale is None else scale / (scale.square() + _DAMPING * scale.square().mean())
+        self.cross: Tensor | None = None
+        self.sum: Tensor | None = None
+        self.count = 0
+        self.broken = False
+
+    def add(self, xt: Tensor, o: Tensor, ot: Tensor) -> None:
+        """xt: the layer's input in the compressed model; o, õ: the other addend in the original and compressed
+        model, for the same batch."""
+        if self.broken:
+            return
+        module, d = self.module, o - ot
+        conv = isinstance(module, nn.Conv2d)
+        out = module.weight.shape[0]
+        if o.shape != ot.shape or (conv and (d.dim() != 4 or xt.dim() != 4)) or d.shape[1 if conv else -1] != out:
+            self.broken, self.count = True, 0
+            return
+        if self.factor is not None:  # channels on dim 1 (BatchNorm's), which for a Linear's (N, T) is its last
+            d = d * self.factor.to(d.dtype).reshape((1, -1) + (1,) * (d.dim() - 2))
+        if conv:
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            padded = F.pad(xt, conv_pad(module), mode=mode) if any(conv_pad(module)) else xt
+            try:
+                cross = torch.nn.grad.conv2d_weight(padded, module.weight.shape, d, module.stride, 0,
+                                                    module.dilation, module.groups).reshape(out, -1)
+            except RuntimeError:  # an output of another size than the layer's: no compensation
+                self.broken, self.count = True, 0
+                return
+            d_sum, positions = d.sum(dim=(0, 2, 3), dtype=torch.float64), d.numel() // out
+        else:
+            rows, drows = xt.reshape(-1, xt.shape[-1]), d.reshape(-1, out)
+            cross, d_sum, positions = drows.T @ rows, drows.sum(dim=0, dtype=torch.float64), drows.shape[0]
+        self.cross = cross.double() if self.cross is None else self.cross + cross.double()
+        self.sum = d_sum if self.sum is None else self.sum + d_sum
+        self.count += positions
+
+    def result(self) -> Residual:
+        assert self.cross is not None and self.sum is not None
+        return Residual(self.cross / self.count, self.sum / self.count)
 
 
 def corrected_problem(problem: LayerProblem, paired: PairedStats, bias_correction: bool,
                       ridge: float = DEFAULT_RIDGE, shrinkage: float = 0.0) -> LayerProblem:
     """The layer problem whose decomposition (at any method and rank, in its usual fit norm) minimizes
-    E‖W x + b − (W̃ x̃ + b̃)‖²: weight W′ (see the module docstring), statistics Σ̃ and μ̃, and a bias chosen so
-    that ``corrected_bias`` gives b + W μ − W̃ μ̃ (with bias correction; without it the bias is kept and the
+    E‖W x + b + d − (W̃ x̃ + b̃)‖² (d: the residual compensation where ``paired`` has one, else 0): weight W′
+    (see the module docstring), statistics Σ̃ and μ̃, and a bias chosen so
+    that ``corrected_bias`` gives b + W μ + E[d] − W̃ μ̃ (with bias correction; without it the bias is kept and the
     moments are uncentered). Σ̃ is shrunk by ``shrinkage`` (``datd.shrinkage``) for the fit."""
     groups = problem.groups
     sigma, cross = paired.sigma, paired.cross
     mean, mean_t = paired.mean, paired.mean_tilde
     if groups == 1:
         sigma, cross, mean, mean_t = sigma[None], cross[None], mean[None], mean_t[None]
+    residual = paired.residual
+    rows = problem.weight.shape[0] // groups
     weights = []
     for g in range(groups):
         w = problem.group(g).matrix
         s, k = sigma[g], cross[g]
+        dx = None if residual is None else residual.cross[g * rows:(g + 1) * rows]  # E[d x̃ᵀ] of the group's rows
         if bias_correction:
             s = s - torch.outer(mean_t[g], mean_t[g])
             k = k - torch.outer(mean[g], mean_t[g])
+            if dx is not None and residual is not None:
+                dx = dx - torch.outer(residual.mean[g * rows:(g + 1) * rows], mean_t[g])
         s = 0.5 * (s + s.T)
         scale = torch.trace(s) / s.shape[0]
         if scale <= 0 or shrinkage >= 1:  # no input energy, or statistics not trusted at all: W itself
@@ -367,11 +493,14 @@ def corrected_problem(problem: LayerProblem, paired: PairedStats, bias_correctio
             continue
         lam = max(ridge, shrinkage / (1 - shrinkage))
         regularized = s + lam * scale * torch.eye(s.shape[0], dtype=s.dtype, device=s.device)
-        weights.append(w + torch.linalg.solve(regularized, (k - s).T @ w.T).T)  # W + W (K − Σ̃)(Σ̃ + λI)⁻¹
+        rhs = (k - s).T @ w.T if dx is None else (k - s).T @ w.T + dx.T
+        weights.append(w + torch.linalg.solve(regularized, rhs).T)  # W + (W (K − Σ̃) + E[d x̃ᵀ])(Σ̃ + λI)⁻¹
     corrected = torch.cat(weights).reshape(problem.weight.shape)
     bias = problem.bias
     if bias_correction:
         shift = torch.cat([problem.group(g).matrix @ mean[g] - weights[g] @ mean_t[g] for g in range(groups)])
+        if residual is not None:
+            shift = shift + residual.mean
         bias = shift if bias is None else bias.double() + shift
     center = paired.mean_tilde[..., :, None] * paired.mean_tilde[..., None, :] if bias_correction else None
     return LayerProblem(problem.name, corrected, shrink(paired.sigma, shrinkage, center), paired.mean_tilde,
