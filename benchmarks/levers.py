@@ -3,7 +3,7 @@
 For each model and target, one set of statistics (2048 CIFAR-10 training images) and then:
 
 - default:           ``datd compress`` as shipped (no fine-tuning)
-- propagate:         error-compensating fits (``--propagate``)
+- propagate:         error-compensating fits (``--propagate``, with its residual compensation)
 - BN re-estimated:   BatchNorm statistics recomputed on the calibration images after compression (measured
                      because the issue asks; not a datd option, see the result)
 - int8:              the default model quantized with ``datd.quantize`` (ONNX Runtime, static, per channel),
@@ -167,9 +167,10 @@ def _cell(row: dict) -> str:
 def report(rows: list[dict], env: dict) -> str:
     lines = ["## Levers beyond the paper (`benchmarks/levers.py`)", "",
              "Each lever alone on top of the default compression, and the two label-free ones combined (2048 CIFAR-10 "
-             "training images calibrate; top-1 on the full test set). int8: ONNX Runtime static quantization of the "
-             "compressed model with its factorized layers in the execution forms fastest in int8 (measured, any "
-             "form: `datd quantize --forms fastest`; rows before 2026-12-06T06:50 kept the float forms), top-1 "
+             "training images calibrate; top-1 on the full test set). propagate: error-compensating fits "
+             "(`--propagate`), since 2026-12-06T11:00 with residual compensation (rows before it without). int8: "
+             "ONNX Runtime static quantization of the compressed model with its factorized layers in the execution "
+             "forms fastest in int8 (measured, any form: `datd quantize --forms fastest`; rows before 2026-12-06T06:50 kept the float forms), top-1 "
              "measured in ONNX Runtime, in parentheses its speed-up over the float original "
              f"(ONNX Runtime, batch {LATENCY_BATCH}, interleaved medians, same run). Distillation (reported "
              "apart: every other table is without fine-tuning): KL to the original's outputs on the 2048 calibration "
