@@ -388,7 +388,7 @@ def _paired(original: nn.Module, compressed: nn.Module, names: list[str], calls:
             captured.append(capture.run(lambda run=run, visit=visit: run(visit)))
         plain, tilde = captured
         for name, r in residuals.items():
-            if name in addends[0] and name in addends[1]:
+            if name in addends[0] and name in addends[1] and tilde[name]:
                 r.add(tilde[name][0], addends[0][name], addends[1][name])
         for name, module in modules.items():
             for a, b in zip(plain[name], tilde[name]):
