@@ -349,3 +349,26 @@ def test_residual_sinks_of_torchvision_blocks():
                                                   for i in residual}
     mobilenet.train()  # BatchNorms in training mode are no fixed per-channel scale
     assert not TracedModel(mobilenet).sinks(names, mobilenet)
+
+
+def test_passes_that_outgrow_the_kept_values_bound_run_from_the_images_on_the_graph(monkeypatch):
+    """With no room for kept values, every pass starts from the images, still on the traced graph: the same
+    statistics as full passes, and the residual compensation is kept."""
+    import datd.propagate as propagate
+    from datd.propagate import PairedPasses
+
+    monkeypatch.setattr(propagate, "_ACTIVATION_BYTES", 0)
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Residual(8), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(8, 5)), 8)
+    compressed = copy.deepcopy(model)
+    images = [torch.rand(4, 3, 10, 10), torch.rand(3, 3, 10, 10)]
+    names = ["0", "2.conv1", "2.conv2", "5"]
+    _, calls = call_order(model, names, images[0][:1])
+    passes = PairedPasses(model, compressed, images, {n: [n] for n in names})
+    with torch.no_grad():
+        compressed[0].weight.mul_(1.2)
+    fast = passes.statistics(["2.conv2"], calls, ["2.conv2", "5"])["2.conv2"]
+    full = paired_statistics(model, compressed, ["2.conv2"], calls, images)["2.conv2"]
+    assert passes.spilled and passes.kept is None and passes.graph is not None
+    assert torch.equal(fast.sigma, full.sigma) and torch.equal(fast.cross, full.cross)
+    assert fast.residual is not None and full.residual is None
