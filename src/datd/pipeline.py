@@ -98,9 +98,10 @@ class CompressConfig:
     min_params: layers with fewer weights are left alone.
     rank_multiple: every rank a multiple of this (hardware-friendly ranks); 0 = automatic: for latency
         targets the device's granularity (``datd.latency.default_rank_multiple``: 16 on AVX-512 CPUs, else 8),
-        for params/macs targets 1 (any rank: those budgets count exactly, not in time; multiples of 8 run
-        1.5–1.75× faster in ONNX Runtime on the CIFAR ResNets for 0.1–0.5 points of top-1, and their int8 forms
-        lost more: ``benchmarks/latency.py --sections granularity``, README).
+        for params/macs targets 1 (any rank: those budgets count exactly, not in time; on the CIFAR ResNets,
+        multiples of 8 ran at 0.57–0.67 of the original's time in ONNX Runtime at batch 32 against 1.13–1.49, for
+        0.1–0.5 points of top-1, and their int8 forms lost more: ``benchmarks/latency.py --sections granularity``,
+        README).
     latency_batch: batch size at which latency is measured and budgeted (``latency=F``: F of the original
         model's measured latency at this batch, on the run's device, with the current torch thread count).
     memory_format: 'auto' (the faster for the original model, measured), 'contiguous' or 'channels_last'.

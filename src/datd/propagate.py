@@ -42,13 +42,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fitting import LayerProblem
 from .graph import Sink, TracedModel, affine_scale
 from .shrinkage import shrink
-from .stats import _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, conv_patches, conv_pad, geometry_of
+from .stats import (
+    _CHUNK_ELEMENTS, _Accumulator, _shifted_path, batch_inputs, conv_pad, conv_padded, conv_patches, geometry_of,
+)
 
 # Relative ridge of the corrected target: λ = DEFAULT_RIDGE · tr(Σ̃)/D (see the module docstring).
 DEFAULT_RIDGE = 1e-3
@@ -441,10 +442,8 @@ class _ResidualSums:
         if self.factor is not None:  # channels on dim 1 (BatchNorm's), which for a Linear's (N, T) is its last
             d = d * self.factor.to(d.dtype).reshape((1, -1) + (1,) * (d.dim() - 2))
         if conv:
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            padded = F.pad(xt, conv_pad(module), mode=mode) if any(conv_pad(module)) else xt
             try:
-                cross = torch.nn.grad.conv2d_weight(padded, module.weight.shape, d, module.stride, 0,
+                cross = torch.nn.grad.conv2d_weight(conv_padded(module, xt), module.weight.shape, d, module.stride, 0,
                                                     module.dilation, module.groups).reshape(out, -1)
             except RuntimeError:  # an output of another size than the layer's: no compensation
                 self.broken, self.count = True, 0

@@ -259,12 +259,17 @@ def conv_pad(conv: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
+def conv_padded(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``x`` (N, S, H, W) padded as ``conv`` pads it (amount and mode): what its kernel slides over unpadded."""
+    pad = conv_pad(conv)
+    if not any(pad):
+        return x
+    return F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+
+
 def conv_patches(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """im2col patches of ``x`` (N, S, H, W) as seen by ``conv``: (N, G, D, L) with L = Ho·Wo, and (Ho, Wo)."""
-    pad = conv_pad(conv)
-    if any(pad):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pad, mode=mode)
+    x = conv_padded(conv, x)
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, S·P, L)
     n, _, positions = cols.shape
     out_h = (x.shape[2] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
@@ -309,9 +314,7 @@ class PositionSampler:
     def patches(self, conv: nn.Conv2d, x: Tensor, keep: int) -> Tensor:
         """``keep`` im2col columns of each image of ``x`` (N, S, H, W) at random output positions: (N, G, D, keep),
         the columns ``conv_patches`` would give there."""
-        pad = conv_pad(conv)
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        x = conv_padded(conv, x)
         n, channels, height, width = x.shape
         (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
         out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
