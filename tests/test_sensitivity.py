@@ -38,5 +38,5 @@ def test_a_layer_before_global_pooling_has_only_pooled_sensitivity():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     s = output_sensitivity(model, [torch.randn(32, 3, 5, 5)], {"0": conv}, progress=False)["0"]
-    assert torch.allclose(s.pooled, 25 * s.total, rtol=1e-9)
-    assert torch.allclose(s.spread, torch.zeros(4, dtype=torch.float64), atol=1e-12 * float(s.total.max()))
+    assert torch.allclose(s.pooled, 25 * s.total, rtol=1e-5)  # the sums over positions reduce in float32 (~1e-7)
+    assert torch.allclose(s.spread, torch.zeros(4, dtype=torch.float64), atol=1e-6 * float(s.total.max()))

@@ -89,7 +89,11 @@ class CompressConfig:
     sensitivity_images: calibration images used to measure sensitivities.
     candidates: per-layer cost fractions at which iterative decompositions are fitted as planning options
         (with at most ``candidate_iter`` sweeps, stopped once a sweep gains less than ``candidate_tol`` of the
-        error; the chosen ones are then refitted with ``max_iter`` and ``tol``).
+        error; the chosen ones are then refitted with ``max_iter`` and ``tol``, going on from there). 1 % of the
+        error is 2 % of a damage, finer than the interpolation between anchors; against 0.1 % it planned
+        torchvision ResNet-18 (random init, macs=0.5) in 146 s instead of 176, and CIFAR ResNet-20/56 at
+        params=0.25 and macs=0.33 kept their accuracy (87.98 / 89.01 / 91.13 / 92.14 against 87.83 / 88.98 /
+        90.71 / 91.81).
     candidate_budget / fit_budget: the multiply-adds one planning fit / one final fit of a layer may spend
         (``datd.fitting.sweeps``): their sweeps are cut to what the budget pays for, and a planning option whose
         fit cannot pay for one sweep is not offered. The defaults bind only on wide layers (from 256 channels
@@ -144,7 +148,7 @@ class CompressConfig:
     min_params: int = 1000
     sigma_reg: float = DEFAULT_SIGMA_REG
     candidate_iter: int = 10
-    candidate_tol: float = 1e-3
+    candidate_tol: float = 1e-2
     candidate_budget: float | None = 5e10
     max_iter: int = 50  # CP with its line search reaches in 50 sweeps the error plain ALS had after 100
     tol: float = 1e-5

@@ -54,6 +54,8 @@ class Sensitivity:
 
     @classmethod
     def measured(cls, total: Tensor, pooled: Tensor, positions: int) -> "Sensitivity":
+        if positions == 1:  # one position: nothing spreads (exactly, not up to the round-off of two sums)
+            return cls(total, pooled, torch.zeros_like(total))
         return cls(total, pooled, (total - pooled / positions).clamp_min(0))
 
     def chunk(self, groups: int) -> list["Sensitivity"]:
@@ -86,12 +88,20 @@ def output_sensitivity(
     def make_hook(name: str):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             def grad_hook(grad: Tensor) -> None:
-                g = grad.detach().double()
-                g = g.movedim(1, -1) if isinstance(module, nn.Conv2d) else g  # channels last
-                g = g.reshape(g.shape[0] if g.dim() > 1 else 1, -1, g.shape[-1])  # (N, positions, T)
-                sums[name] += (g ** 2).sum(dim=(0, 1)).cpu()
-                pooled[name] += (g.sum(dim=1) ** 2).sum(dim=0).cpu()
-                positions[name] = g.shape[1]
+                # float32 reductions (cascaded sums, ~1e-7 relative), float64 totals: no float64 or channels-last
+                # copy of the gradient, which cost more than the backward pass itself on ResNet-50
+                g = grad.detach()
+                g = (g if g.dim() > 1 else g[None]).to(torch.promote_types(g.dtype, torch.float32))
+                if isinstance(module, nn.Conv2d):  # (N, T, H, W): positions are the last two dims
+                    dims, per_image = (0, 2, 3), g.sum(dim=(2, 3))
+                    count = g.shape[2] * g.shape[3]
+                else:  # (N, …, T): positions are the middle dims
+                    g = g.reshape(g.shape[0], -1, g.shape[-1])
+                    dims, per_image, count = (0, 1), g.sum(dim=1), g.shape[1]
+                pooled_sq = per_image.double().square().sum(dim=0).cpu()
+                sums[name] += pooled_sq if count == 1 else g.square().sum(dim=dims).double().cpu()
+                pooled[name] += pooled_sq
+                positions[name] = count
 
             output.register_hook(grad_hook)
 
