@@ -89,7 +89,7 @@ def output_sensitivity(
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             def grad_hook(grad: Tensor) -> None:
                 # float32 reductions (cascaded sums, ~1e-7 relative), float64 totals: no float64 or channels-last
-                # copy of the gradient, which cost more than the backward pass itself on ResNet-50
+                # copy of the gradient (those copies cost about one forward pass on ResNet-50: 3.9× → 2.9×)
                 g = grad.detach()
                 g = (g if g.dim() > 1 else g[None]).to(torch.promote_types(g.dtype, torch.float32))
                 if isinstance(module, nn.Conv2d):  # (N, T, H, W): positions are the last two dims
