@@ -54,8 +54,6 @@ class Sensitivity:
 
     @classmethod
     def measured(cls, total: Tensor, pooled: Tensor, positions: int) -> "Sensitivity":
-        if positions == 1:  # one position: nothing spreads (exactly, not up to the round-off of two sums)
-            return cls(total, pooled, torch.zeros_like(total))
         return cls(total, pooled, (total - pooled / positions).clamp_min(0))
 
     def chunk(self, groups: int) -> list["Sensitivity"]:
@@ -99,6 +97,7 @@ def output_sensitivity(
                     g = g.reshape(g.shape[0], -1, g.shape[-1])
                     dims, per_image, count = (0, 1), g.sum(dim=1), g.shape[1]
                 pooled_sq = per_image.double().square().sum(dim=0).cpu()
+                # one position: the same float64 sums, so total == pooled and the spread is exactly 0
                 sums[name] += pooled_sq if count == 1 else g.square().sum(dim=dims).double().cpu()
                 pooled[name] += pooled_sq
                 positions[name] = count
