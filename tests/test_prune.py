@@ -119,6 +119,21 @@ def test_several_channels_per_step_keep_the_path_exact(monkeypatch):
         assert prune(weight, sigma, k, order=order).error ** 2 == pytest.approx(float(errors[k]), rel=1e-6)
 
 
+def test_the_error_read_from_the_greedy_path_is_the_refit_error():
+    """Given ``prune_order``'s errors, ``prune`` reads its error from them instead of forming W̃Σ: the same value, and
+    the recomputed one where it is too small to be read from a difference."""
+    torch.manual_seed(9)
+    weight = torch.randn(8, 12, 3, 3, dtype=D64)
+    sigma = realistic_sigma(108, 7)
+    order, errors = prune_order(weight, sigma)
+    for k in (1, 4, 8, 11, 12):
+        read = prune(weight, sigma, k, order=order, errors=errors)
+        recomputed = prune(weight, sigma, k, order=order)
+        assert torch.equal(read.reconstruct(), recomputed.reconstruct())
+        assert read.error == pytest.approx(recomputed.error, rel=1e-6, abs=1e-9)
+    assert prune(weight, sigma, 12, order=order, errors=errors).error < 1e-6  # every channel: exact, recomputed
+
+
 def test_a_matrix_of_flattened_maps_is_pruned_by_channel_blocks():
     """A Linear reading 3 channels of 2×2 maps (12 columns): channels are blocks of 4 columns."""
     torch.manual_seed(6)

@@ -5,6 +5,7 @@ import torch
 
 from datd.data import calibration_loader
 from datd.decompose import cp, svd, tucker2
+from datd.decompose import _linalg
 from datd.decompose._linalg import prepare_sigma, relative_error
 from datd.models import load_model
 from datd.stats import collect_stats
@@ -45,6 +46,23 @@ def test_sigma_error_is_monotone_on_real_layers(real, name):
         h = torch.tensor(result.history, dtype=torch.float64)
         assert (h[1:] <= h[:-1] * (1 + 1e-12)).all(), h
         assert h[-1] < h[0]
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_float32_applies_reach_the_float64_error(real, name, monkeypatch):
+    """The input factor's CG applies Σ in float32 (``SOLVE_DTYPE``): the fits reach the error of float64 applies (to
+    1e-4 relative; CP over the 10 sweeps of a planning fit, after which its trajectories may part as any two
+    starts of a non-convex fit do)."""
+    weight, sigma = real[name]
+    t, s = weight.shape[:2]
+    runs = {"tucker2": lambda: tucker2(weight, sigma, (t // 3, s // 3)), "cp": lambda: cp(weight, sigma, t // 2, max_iter=10)}
+    for method, run in runs.items():
+        fast = run()
+        monkeypatch.setattr(_linalg, "SOLVE_DTYPE", torch.float64)
+        exact = run()
+        monkeypatch.undo()
+        assert fast.error == pytest.approx(exact.error, rel=1e-4), method
+        assert len(fast.history) == len(exact.history), method
 
 
 def test_sigma_is_singular_but_regularized_fits_work(real):

@@ -177,8 +177,9 @@ def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: Fi
     if method == "svd":
         return svd(w, sigma, ranks[0], sigma_reg=reg)
     if method == "prune":
+        order, errors = problem.prune_order(settings)
         return prune(w, problem.prune_moment(settings), ranks[0], channels=problem.geometry.input_channels,
-                     order=problem.prune_order(settings)[0], sigma_reg=reg)
+                     order=order, errors=errors, sigma_reg=reg)
     n_sweeps = sweeps(method, tuple(w.shape), tuple(ranks), settings)
     if start is not None and len(start.history) - 1 > n_sweeps:
         start = None  # it ran more sweeps than these settings pay for

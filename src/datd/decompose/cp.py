@@ -87,7 +87,9 @@ def cp(
     would have given. ``extrapolate``: after each sweep, try (B, C, D) moved on along the sweep's change by
     k^(1/3) times it (k = the sweep's number) with their exact A, and keep that point if its error is lower (a
     line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
-    fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep)."""
+    fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep).
+    The input factor's CG applies Σ in float32 above ``SOLVE_FLOOR`` (``InputFactorSolver.precise``); a sweep whose
+    float64 error does not fall is redone in float64, and if it still does not fall, the fit ends."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
     if rank < 1:
@@ -122,12 +124,12 @@ def cp(
                                       lambda: relative_error(w1, a @ k.T, s))
         return a, err
 
-    def in_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    def in_step(a: Tensor, b: Tensor, c: Tensor, d: Tensor, precise: bool) -> Tensor:
         # Replace A by its triangular factor (A = Q R_A) when T > R: same normal equations, smaller m.
         q, r_a = torch.linalg.qr(a) if n_out > rank else (None, a)
         y_sigma = w_sigma if q is None else q.T @ w_sigma
         f = r_a[:, :, None] * khatri_rao(c, d).T[None, :, :]  # (m, R, P)
-        return solver.solve(f, y_sigma, b, damping=damping, tol=cg_tol, max_iter=cg_iter)
+        return solver.solve(f, y_sigma, b, damping=damping, tol=cg_tol, max_iter=cg_iter, precise=precise)
 
     # The spatial steps see W's columns and Σ's rows and columns reordered to (k, s, j), the kernel axis they solve
     # for first (vertical: k = kernel row, j = column; horizontal: the other way round), so that every product
@@ -179,11 +181,8 @@ def cp(
         b, c, d = initial(1), initial(2), initial(3)
         a, err = out_step(torch.zeros(n_out, rank, dtype=DTYPE, device=w1.device), b, c, d)
         history = [err]
-    best = (a, b, c, d)
-    for _ in range(max_iter - (len(history) - 1)):
-        if converged(history, tol):
-            break
-        b, a = normalized(in_step(a, b, c, d), a)
+    def sweep(a: Tensor, b: Tensor, c: Tensor, d: Tensor, precise: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        b, a = normalized(in_step(a, b, c, d, precise), a)
         c, a = normalized(spatial_step(a, b, c, d, *vertical)[0], a)
         d, n_horizontal = spatial_step(a, b, d, c, *horizontal)
         d, a = normalized(d, a)
@@ -194,7 +193,15 @@ def cp(
             a_trial, err_trial = out_step(a, *trial)
             if err_trial < err:
                 (b, c, d), a, err = trial, a_trial, err_trial
-        if not err <= history[-1]:  # NaN or an increase from round-off: keep the best iterate
+        return a, b, c, d, err
+
+    best = (a, b, c, d)
+    while len(history) - 1 < max_iter and not converged(history, tol):
+        for precise in (True,) if solver.precise(history) else (False, True):  # a float32 step that did not help: again in float64
+            a, b, c, d, err = sweep(*best, precise)
+            if err <= history[-1]:
+                break
+        if not err <= history[-1]:  # NaN or an increase from round-off even in float64: keep the best iterate
             break
         history.append(err)
         best = (a, b, c, d)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import DTYPE, as_matrix, prepare_sigma, relative_error
+from ._linalg import DTYPE, EXPANDED_FLOOR, as_matrix, prepare_sigma, relative_error
 from .base import Decomposition
 
 # The default relative regularization of Σ for channel selection: the refit is a regression on the kept inputs, and
@@ -150,15 +150,18 @@ def prune_order(weight: Tensor, sigma: Tensor | None = None, *, channels: int | 
 
 
 def prune(weight: Tensor, sigma: Tensor | None = None, keep: int = 1, *, channels: int | None = None,
-          order: Tensor | None = None, sigma_reg: float = PRUNE_REG) -> Pruned:
+          order: Tensor | None = None, errors: Tensor | None = None, sigma_reg: float = PRUNE_REG) -> Pruned:
     """The Σ-optimal weight reading ``keep`` of the input channels of ``weight`` ((T, H, kh, kw), or (T, D) in
     ``channels`` blocks): the first ``keep`` of ``order`` (default: ``prune_order``'s), refitted by least squares
-    in the Σ-norm (Σ regularized by ``sigma_reg`` of its scale)."""
+    in the Σ-norm (Σ regularized by ``sigma_reg`` of its scale). ``errors``: what ``prune_order`` gave with
+    ``order`` (same Σ and ``sigma_reg``); the fit's error is then read from it rather than recomputed through Σ (a
+    T·D² product, the largest of the fit), except where it is too small to be read from a difference
+    (``EXPANDED_FLOOR``)."""
     w1, h, b = _channel_layout(weight, channels)
     if not 1 <= keep <= h:
         raise ValueError(f"keep must be in [1, {h}] for {h} input channels, got {keep}")
     if order is None:
-        order, _ = prune_order(weight, sigma, channels=h, sigma_reg=sigma_reg)
+        order, errors = prune_order(weight, sigma, channels=h, sigma_reg=sigma_reg)
     kept = torch.sort(order[:keep]).values.to(w1.device)
     cols = (kept[:, None] * b + torch.arange(b, device=w1.device)).reshape(-1)
     s = prepare_sigma(sigma, w1.shape[1], sigma_reg)
@@ -169,5 +172,8 @@ def prune(weight: Tensor, sigma: Tensor | None = None, keep: int = 1, *, channel
     shape = tuple(weight.shape)
     kept_shape = (shape[0], keep) + shape[2:] if weight.dim() == 4 else (shape[0], keep * b)
     result = Pruned(shape, weight=refit.reshape(kept_shape), kept=kept, channels=h)
-    result.history = [relative_error(w1, result.reconstruct().reshape(w1.shape), s)]
+    exact = lambda: relative_error(w1, result.reconstruct().reshape(w1.shape), s)  # noqa: E731
+    # errors[k] = 1 − (energy the first k channels explain) / ‖W₁‖²_Σ, a difference of the greedy steps' sums
+    result.history = [exact() if errors is None or float(errors[keep]) < EXPANDED_FLOOR**2
+                      else math.sqrt(float(errors[keep]))]
     return result

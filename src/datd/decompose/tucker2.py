@@ -9,7 +9,9 @@ With Q = U_S ⊗ I_P (S·P, R_S·P) the model is W̃₁ = U_T G₁ Qᵀ. One swe
 2. (U_T, G) step, jointly closed form for fixed U_S (reduced-rank regression): with C = W₁ Σ Q and
    Qᵀ Σ Q = K Kᵀ, U_T = top-R_T left singular vectors of C K⁻ᵀ and G₁ = U_Tᵀ C (Qᵀ Σ Q)⁻¹.
 
-Both steps minimize exactly or monotonically, so the Σ-error never increases across sweeps.
+Both steps minimize exactly or monotonically, so the Σ-error never increases across sweeps (the CG applies are in
+float32 while the error is above ``SOLVE_FLOOR``; a sweep whose float64 error does not fall is redone in float64, and
+if it still does not fall, the fit ends with the factors before it).
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ def tucker2(
         u_s = initial_in_factor()
         u_t, g, err = core_step(u_s)
         history = [err]
-    for _ in range(max_iter - (len(history) - 1)):
-        if converged(history, tol):
+    while len(history) - 1 < max_iter and not converged(history, tol):
+        for precise in (True,) if solver.precise(history) else (False, True):  # a float32 step that did not help: again in float64
+            trial = orthonormal_columns(solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter,
+                                                     precise=precise))
+            u_t_trial, g_trial, err = core_step(trial)
+            if err <= history[-1]:
+                break
+        if not err <= history[-1]:  # NaN, or no step lowers the error even in float64 (round-off): keep the last
             break
-        u_s = solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter)
-        u_s = orthonormal_columns(u_s)
-        u_t, g, err = core_step(u_s)
+        u_s, u_t, g = trial, u_t_trial, g_trial
         history.append(err)
     core_shape = (r_out, r_in) + tuple(weight.shape[2:])
     return Tucker2(tuple(weight.shape), out_factor=u_t, core=g.reshape(core_shape), in_factor=u_s, history=history)
