@@ -149,3 +149,4 @@ def test_measuring_replacements_together_is_the_model_with_all_of_them():
     assert together == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum(1).mean()), rel=1e-9, abs=1e-12)
     with torch.no_grad():
         assert torch.equal(model(batches[0]), _model()(batches[0]))
+    assert "forward" not in first.__dict__ and "forward" not in second.__dict__  # the class's forward again

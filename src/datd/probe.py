@@ -19,8 +19,9 @@ with full passes.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,18 +94,22 @@ class DamageProbe:
     def measure_together(self, replacements: Sequence[Replacement]) -> tuple[float, float]:
         """(mean KL, its standard error) of the model with every one of ``replacements`` in place at once: what
         a whole plan costs, errors compounding through depth included (one full pass over the probe images)."""
-        handles = []
-
-        def replace(weight: Tensor, bias: Tensor | None) -> Callable:
-            return lambda mod, args, output: forward_with(mod, args[0], weight, bias)
-
+        # Each replaced module's forward is swapped for the replacement's for the pass (an instance attribute over
+        # the class's method), so that its own computation is not run as well (a forward hook would run both:
+        # twice the cost of every replaced layer), and put back afterwards.
+        saved: list[tuple[nn.Module, object]] = []
         try:
             for module, weight, bias in replacements:
-                handles.append(module.register_forward_hook(replace(*_replaced(module, weight, bias))))
+                saved.append((module, module.__dict__.get("forward")))
+                module.forward = functools.partial(forward_with, module, **dict(zip(("weight", "bias"),
+                                                                                    _replaced(module, weight, bias))))
             return self._summary([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
         finally:
-            for handle in handles:
-                handle.remove()
+            for module, forward in reversed(saved):
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
 
     def measure_many(self, replacements: Sequence[Replacement]) -> list[tuple[float, float]]:
         """``measure`` of each of ``replacements``, in one traced pass per batch where the model allows it."""

@@ -1,4 +1,4 @@
-"""Shared numerics of the Σ-norm decompositions (float64 throughout).
+"""Shared numerics of the Σ-norm decompositions (float64, but for the CG applies of ``SOLVE_DTYPE``).
 
 Notation: a weight W of shape (T, S, kh, kw) is matricized as W₁ = W.reshape(T, S·P), P = kh·kw, in the
 column order of ``F.unfold`` (input channel major, then kernel row, then kernel column). Σ is (S·P, S·P)
