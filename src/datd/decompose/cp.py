@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import _linalg
 from ._linalg import (
     DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, prepare_sigma, relative_error, sigma_matmul,
 )
@@ -88,7 +89,8 @@ def cp(
     k^(1/3) times it (k = the sweep's number) with their exact A, and keep that point if its error is lower (a
     line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
     fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep).
-    The input factor's CG applies Σ in float32 above ``SOLVE_FLOOR`` (``InputFactorSolver.precise``); a sweep whose
+    The input factor's CG and the vertical spatial step apply Σ in float32 above ``SOLVE_FLOOR``
+    (``InputFactorSolver.precise``); a sweep whose
     float64 error does not fall is redone in float64, and if it still does not fall, the fit ends."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
@@ -142,6 +144,9 @@ def cp(
         return w_k, s6.permute(*axes, *(3 + a for a in axes)).reshape(s.shape)
 
     vertical, horizontal = reordered((1, 0, 2)), reordered((2, 0, 1))
+    # The vertical step's products through Σ only shape its solve (as the input factor's CG applies do), so they may be
+    # in float32; the horizontal step's N becomes Σ K for the output step's error and stays float64.
+    vertical_fast = vertical if s is None else (vertical[0], vertical[1].to(_linalg.SOLVE_DTYPE))
 
     def spatial_step(a: Tensor, b: Tensor, unknown: Tensor, other: Tensor, w_k: Tensor,
                      sigma_k: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -155,7 +160,7 @@ def cp(
         if sigma_k is None:
             n = torch.einsum("kl,yq->kylq", torch.eye(n_k, dtype=DTYPE, device=w1.device), b_other)
         else:
-            n = (sigma_k.reshape(-1, y) @ b_other).reshape(n_k, y, n_k, rank)  # N[(k, y), (l, q)]
+            n = (sigma_k.reshape(-1, y) @ b_other.to(sigma_k.dtype)).to(DTYPE).reshape(n_k, y, n_k, rank)  # N[(k, y), (l, q)]
         # Zᵀ Σ Z [(k, r), (l, q)] = Σ_y b_other[y, r] N[(k, y), (l, q)], times AᵀA per rank pair.
         gram = torch.matmul(b_other.T, n.reshape(n_k, y, n_k * rank)).reshape(n_k, rank, n_k, rank)
         gram = gram * (a.T @ a)[None, :, None, :]
@@ -183,7 +188,7 @@ def cp(
         history = [err]
     def sweep(a: Tensor, b: Tensor, c: Tensor, d: Tensor, precise: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         b, a = normalized(in_step(a, b, c, d, precise), a)
-        c, a = normalized(spatial_step(a, b, c, d, *vertical)[0], a)
+        c, a = normalized(spatial_step(a, b, c, d, *(vertical if precise else vertical_fast))[0], a)
         d, n_horizontal = spatial_step(a, b, d, c, *horizontal)
         d, a = normalized(d, a)
         a, err = out_step(a, b, c, d, sigma_k_from(n_horizontal, d))
