@@ -50,7 +50,8 @@ def test_sigma_error_is_monotone_on_real_layers(real, name):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_float32_applies_reach_the_float64_error(real, name, monkeypatch):
-    """The input factor's CG applies Σ in float32 (``SOLVE_DTYPE``): the fits reach the error of float64 applies (to
+    """The input factor's CG and CP's vertical step apply Σ in float32 (``SOLVE_DTYPE``): the fits reach the error of
+    float64 applies (to
     1e-4 relative; CP over the 10 sweeps of a planning fit, after which its trajectories may part as any two
     starts of a non-convex fit do)."""
     weight, sigma = real[name]

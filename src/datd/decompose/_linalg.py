@@ -1,4 +1,5 @@
-"""Shared numerics of the Σ-norm decompositions (float64, but for the CG applies of ``SOLVE_DTYPE``).
+"""Shared numerics of the Σ-norm decompositions (float64, but for the products in ``SOLVE_DTYPE`` that only shape a
+solve).
 
 Notation: a weight W of shape (T, S, kh, kw) is matricized as W₁ = W.reshape(T, S·P), P = kh·kw, in the
 column order of ``F.unfold`` (input channel major, then kernel row, then kernel column). Σ is (S·P, S·P)
@@ -17,10 +18,11 @@ from torch import Tensor
 
 DTYPE = torch.float64
 # The dtype of the products through Σ in the conjugate-gradient applies of the input factor (``InputFactorSolver``),
-# the largest cost of the iterative fits: CG's answer is approximate by design (it stops at a residual of 1e-3), and
-# float32 rounding (~1e-7 of ‖Σ‖ per product) lies far below that while the fit's error does, at about half the time
-# of float64 on CPUs (Tucker-2 fits of 256- and 512-channel 3×3 convs 1.3–1.4× faster, CP 1.1–1.25×, to the same
-# error). Everything that decides a fit's error and its monotonicity, and every closed-form step, stays float64.
+# the largest cost of the iterative fits, and in CP's vertical spatial step: CG's answer is approximate by design (it
+# stops at a residual of 1e-3), and float32 rounding (~1e-7 of ‖Σ‖ per product) lies far below that while the fit's
+# error does, at about half the time of float64 on CPUs (fits of 256- and 512-channel 3×3 convs to the same error in
+# the same sweeps: Tucker-2 1.3–1.4× faster, CP 1.2–1.4×). Everything that decides a fit's error and its
+# monotonicity, and every closed-form step, stays float64.
 SOLVE_DTYPE = torch.float32
 # Below this relative Σ-error, and for a sweep whose float32 step did not lower the error, the applies are float64:
 # float32 rounding stalls a fit near 1e-6 (exact recoveries of planted tensors go on to 1e-8 and below).

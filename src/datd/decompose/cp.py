@@ -90,8 +90,8 @@ def cp(
     line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
     fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep).
     The input factor's CG and the vertical spatial step apply Σ in float32 above ``SOLVE_FLOOR``
-    (``InputFactorSolver.precise``); a sweep whose
-    float64 error does not fall is redone in float64, and if it still does not fall, the fit ends."""
+    (``InputFactorSolver.precise``); a sweep whose float64 error does not fall is redone in float64, and if it still
+    does not fall, the fit ends."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
     if rank < 1:
