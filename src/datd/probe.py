@@ -101,8 +101,8 @@ class DamageProbe:
         try:
             for module, weight, bias in replacements:
                 saved.append((module, module.__dict__.get("forward")))
-                module.forward = functools.partial(forward_with, module, **dict(zip(("weight", "bias"),
-                                                                                    _replaced(module, weight, bias))))
+                weight, bias = _replaced(module, weight, bias)
+                module.forward = functools.partial(forward_with, module, weight=weight, bias=bias)
             return self._summary([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
         finally:
             for module, forward in reversed(saved):

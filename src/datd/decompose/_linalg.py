@@ -99,7 +99,12 @@ def expanded_relative_error(norm_sq: Tensor, cross: Tensor, model_sq: Tensor, ex
     """‖(W₁ − W̃₁) Σ^{1/2}‖_F / ‖W₁ Σ^{1/2}‖_F from ``norm_sq`` = ‖W₁‖²_Σ, ``cross`` = tr(W̃₁ Σ W₁ᵀ) and ``model_sq`` =
     ‖W̃₁‖²_Σ, which the ALS steps have at hand (no T·D² product through Σ); ``exact()`` where the result is
     below ``EXPANDED_FLOOR``."""
-    rel_sq = float((norm_sq - 2 * cross + model_sq) / norm_sq)
+    return error_from_difference(float((norm_sq - 2 * cross + model_sq) / norm_sq), exact)
+
+
+def error_from_difference(rel_sq: float, exact: Callable[[], float]) -> float:
+    """sqrt(``rel_sq``), a relative squared error obtained as a difference of larger terms, or ``exact()`` where it
+    is below ``EXPANDED_FLOOR`` and the difference has lost its digits."""
     return math.sqrt(rel_sq) if rel_sq >= EXPANDED_FLOOR**2 else exact()
 
 
@@ -189,7 +194,7 @@ class InputFactorSolver:
     warm-started at U₀, preconditioned by the Kronecker approximation A(U) ≈ Σ̄ U K̄ with
     Σ̄ = mean_p Σ[(·,p),(·,p)] (S, S) and K̄ = Σ_{m,p} F[m,:,p]ᵀ F[m,:,p] (R, R); exact when Σ = I.
     The applies go through Σ in ``SOLVE_DTYPE`` unless ``solve(precise=True)``; the caller checks CG's step by its
-    float64 error (``precise``).
+    float64 error (``attempts``).
     """
 
     def __init__(self, sigma: Tensor | None, n_in: int, n_pos: int):
@@ -205,10 +210,11 @@ class InputFactorSolver:
             self.sigma_scale = float(torch.trace(sigma_bar)) / n_in
 
     @staticmethod
-    def precise(history: list[float]) -> bool:
-        """Whether the next sweep of a fit with this error ``history`` applies Σ in float64: once its error is below
-        ``SOLVE_FLOOR`` (a function of the fit's state, so that a continued fit repeats a fresh one bit for bit)."""
-        return SOLVE_DTYPE == DTYPE or history[-1] < SOLVE_FLOOR
+    def attempts(history: list[float]) -> tuple[bool, ...]:
+        """The ``precise`` settings to try the next sweep of a fit with this error ``history`` with, in order, until
+        one lowers the error: float64 alone once the error is below ``SOLVE_FLOOR``, else float32 and, where that did
+        not help, float64 (a function of the fit's state, so that a continued fit repeats a fresh one bit for bit)."""
+        return (True,) if SOLVE_DTYPE == DTYPE or history[-1] < SOLVE_FLOOR else (False, True)
 
     def solve(
         self, f: Tensor, y_sigma: Tensor, u0: Tensor, damping: float, tol: float, max_iter: int, precise: bool = True

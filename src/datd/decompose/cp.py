@@ -90,7 +90,7 @@ def cp(
     line search, as in Bro's ALS acceleration: ALS creeps through long valleys; here it reaches the plain
     fit's error after 100 sweeps in 40–70 on CIFAR ResNet-56 layers, for one output step more per sweep).
     The input factor's CG and the vertical spatial step apply Σ in float32 above ``SOLVE_FLOOR``
-    (``InputFactorSolver.precise``); a sweep whose float64 error does not fall is redone in float64, and if it still
+    (``InputFactorSolver.attempts``); a sweep whose float64 error does not fall is redone in float64, and if it still
     does not fall, the fit ends."""
     w1, (n_out, n_in, kh, kw) = as_matrix(weight)
     n_pos = kh * kw
@@ -202,7 +202,7 @@ def cp(
 
     best = (a, b, c, d)
     while len(history) - 1 < max_iter and not converged(history, tol):
-        for precise in (True,) if solver.precise(history) else (False, True):  # a float32 step that did not help: again in float64
+        for precise in solver.attempts(history):
             a, b, c, d, err = sweep(*best, precise)
             if err <= history[-1]:
                 break

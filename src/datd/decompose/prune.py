@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import DTYPE, EXPANDED_FLOOR, as_matrix, prepare_sigma, relative_error
+from ._linalg import DTYPE, as_matrix, error_from_difference, prepare_sigma, relative_error
 from .base import Decomposition
 
 # The default relative regularization of Σ for channel selection: the refit is a regression on the kept inputs, and
@@ -172,8 +172,10 @@ def prune(weight: Tensor, sigma: Tensor | None = None, keep: int = 1, *, channel
     shape = tuple(weight.shape)
     kept_shape = (shape[0], keep) + shape[2:] if weight.dim() == 4 else (shape[0], keep * b)
     result = Pruned(shape, weight=refit.reshape(kept_shape), kept=kept, channels=h)
-    exact = lambda: relative_error(w1, result.reconstruct().reshape(w1.shape), s)  # noqa: E731
+
+    def exact() -> float:
+        return relative_error(w1, result.reconstruct().reshape(w1.shape), s)
+
     # errors[k] = 1 − (energy the first k channels explain) / ‖W₁‖²_Σ, a difference of the greedy steps' sums
-    result.history = [exact() if errors is None or float(errors[keep]) < EXPANDED_FLOOR**2
-                      else math.sqrt(float(errors[keep]))]
+    result.history = [exact() if errors is None else error_from_difference(float(errors[keep]), exact)]
     return result

@@ -120,7 +120,7 @@ def tucker2(
         u_t, g, err = core_step(u_s)
         history = [err]
     while len(history) - 1 < max_iter and not converged(history, tol):
-        for precise in (True,) if solver.precise(history) else (False, True):  # a float32 step that did not help: again in float64
+        for precise in solver.attempts(history):
             trial = orthonormal_columns(solver.solve(g, u_t.T @ w_sigma, u_s, damping=0.0, tol=cg_tol, max_iter=cg_iter,
                                                      precise=precise))
             u_t_trial, g_trial, err = core_step(trial)
