@@ -11,6 +11,7 @@ import datd
 from datd.fitting import FitSettings, LayerProblem, fit
 from datd.layers import Geometry, factorize
 from datd.propagate import call_order, corrected_problem, paired_statistics
+from datd.report import markdown
 from datd.stats import collect_stats, conv_patches
 from datd.surgery import replace_module
 
@@ -83,6 +84,13 @@ def test_compress_with_propagate_keeps_the_plan_and_tracks_the_original_closer()
         reference = model(images)
         errors = [float(((m(images) - reference) ** 2).mean()) for m in (plain, propagated)]
     assert errors[1] < errors[0]
+    assert "propagated fits: paired statistics from all calibration images" in markdown(report_p)
+    assert "propagated fits" not in markdown(report)
+    # from the first 32 images only: the same plan, other fits, and the report says so
+    capped, report_c = datd.compress(model, calib, propagate=True, propagate_images=32, **common)
+    assert report_c["plan"] == report["plan"]
+    assert not torch.equal(capped(images), propagated(images))
+    assert "paired statistics from the first 32 calibration images" in markdown(report_c)
 
 
 def test_paired_moments_in_float32_chunks_match_a_float64_reference():
@@ -372,3 +380,45 @@ def test_passes_that_outgrow_the_kept_values_bound_run_from_the_images_on_the_gr
     assert passes.spilled and passes.kept is None and passes.graph is not None
     assert torch.equal(fast.sigma, full.sigma) and torch.equal(fast.cross, full.cross)
     assert fast.residual is not None and full.residual is None
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_propagate_images_takes_the_paired_statistics_from_the_first_images(kept, monkeypatch):
+    """BatchCache(images=N) yields the first N calibration images, across and within batches, whether it keeps
+    them in memory or reads them again on every pass; the paired statistics over it equal those over a loader of
+    only those images, and differ from those over all of them."""
+    import datd.propagate as propagate
+
+    if not kept:
+        monkeypatch.setattr(propagate, "_BATCH_CACHE_BYTES", 0)
+    torch.manual_seed(0)
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _Block(8),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)), 5)
+    compressed = copy.deepcopy(model)
+    images = [(torch.randn(4, 3, 10, 10), torch.zeros(4)) for _ in range(3)]  # (x, y) batches, as a loader gives
+    cache = propagate.BatchCache(images, torch.device("cpu"), images=6)
+    assert (cache.kept is not None) == kept
+    first = torch.cat([x for x, _ in images])[:6]
+    for _ in range(2):  # every pass sees the same images
+        assert torch.equal(torch.cat(list(cache)), first)
+    names = ["0", "2.conv1", "2.conv2", "5"]
+    _, calls = call_order(model, names, first[:1])
+    _install(compressed, "0")
+    capped = propagate.PairedPasses(model, compressed, cache, {n: [n] for n in names}).statistics(
+        ["2.conv1", "5"], calls, names[1:])
+    alone = paired_statistics(model, compressed, ["2.conv1", "5"], calls, [first[:4], first[4:]])
+    everything = paired_statistics(model, compressed, ["2.conv1", "5"], calls, [x for x, _ in images])
+    for name in ("2.conv1", "5"):
+        assert capped[name].count == alone[name].count < everything[name].count
+        for field in ("sigma", "cross", "mean_tilde"):
+            torch.testing.assert_close(getattr(capped[name], field), getattr(alone[name], field), rtol=1e-10,
+                                       atol=1e-12)
+        assert not torch.allclose(capped[name].sigma, everything[name].sigma)
+
+
+@pytest.mark.parametrize("field,value", [("propagate_images", -1), ("propagate_group", 0), ("propagate_ridge", -1e-3)])
+def test_propagation_settings_are_checked(field, value):
+    from datd.errors import DatdError
+
+    with pytest.raises(DatdError, match=field):
+        datd.CompressConfig(**{field: value})

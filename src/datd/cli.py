@@ -201,6 +201,9 @@ def _budgets(scale: str) -> dict:
 @click.option("--propagate-residual/--no-propagate-residual", default=DEFAULTS.propagate_residual,
               show_default=True, help="with --propagate: the residual compensation (off: each layer reproduces "
                                       "only its own original outputs)")
+@click.option("--propagate-images", type=click.IntRange(min=0), default=DEFAULTS.propagate_images, show_default=True,
+              help="with --propagate: the paired statistics from the first N calibration images only (0: all; their "
+                   "cost is proportional to N, see README)")
 @click.option("--fit-budget", default="1", show_default=True,
               help="scale the work each layer's fits may spend (multiply-adds: planning fits "
                    f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
@@ -214,14 +217,15 @@ def _budgets(scale: str) -> dict:
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
                      memory_format, latency_cache, measure_latency, probe_images, shrinkage, prune, propagate,
-                     propagate_residual, fit_budget, positions, overwrite, resume, **preprocessing) -> None:
+                     propagate_residual, propagate_images, fit_budget, positions, overwrite, resume,
+                     **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
                             prune=prune, propagate=propagate, propagate_residual=propagate_residual,
-                            positions=positions, **_budgets(fit_budget))
+                            propagate_images=propagate_images, positions=positions, **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)

@@ -130,6 +130,11 @@ class CompressConfig:
         ``propagate_group`` layers, from where those layers begin on a traced model). The plan is unchanged: same
         ranks, same cost.
     propagate_ridge: regularization of the corrected weights towards the original ones, relative to Σ̃'s scale.
+    propagate_images: with ``propagate``, the paired statistics come from the first this many calibration images
+        (0: all of them). Their cost is proportional to it; the rest of the pipeline uses every image. Measured
+        (2048 CIFAR-10 images, full test set): 512 of them cut ResNet-56's fitting stage at params=0.25 from 82 to
+        35 s and kept 91.62% against 91.94; ResNet-20 88.92 against 89.02 (params=0.25), 90.12 against 90.25
+        (macs=0.33): within the seeds' spread, so all images stay the default (README).
     propagate_residual: with ``propagate``, a layer whose output joins a residual add (through BatchNorms only)
         also takes up the error the compression before it left in the add's other input (``datd.propagate``;
         traced models only).
@@ -169,6 +174,7 @@ class CompressConfig:
     propagate: bool = False
     propagate_group: int = 1
     propagate_ridge: float = DEFAULT_RIDGE
+    propagate_images: int = 0
     propagate_residual: bool = True
     positions: float = 1.0
 
@@ -203,8 +209,8 @@ class CompressConfig:
         if any(b is not None and b <= 0 for b in (self.candidate_budget, self.fit_budget)):
             raise DatdError("candidate_budget and fit_budget must be positive (or None: no limit)")
         check_positions(self.positions)
-        if self.propagate_group < 1 or self.propagate_ridge < 0:
-            raise DatdError("propagate_group must be >= 1 and propagate_ridge >= 0")
+        if self.propagate_group < 1 or self.propagate_ridge < 0 or self.propagate_images < 0:
+            raise DatdError("propagate_group must be >= 1, propagate_ridge >= 0 and propagate_images >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise DatdError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -554,7 +560,8 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
     # what installing each layer changes: itself and, when it prunes, its chain (where the passes may start)
     touches = {n: [n] + ([layers[n].chain.producer, *layers[n].chain.between]  # type: ignore[union-attr]
                          if choice[n].method == "prune" else []) for n in calls}
-    passes = PairedPasses(original, compressed, BatchCache(calib, first.device), touches, config.propagate_residual)
+    inputs = BatchCache(calib, first.device, config.propagate_images or None)
+    passes = PairedPasses(original, compressed, inputs, touches, config.propagate_residual)
     bar = tqdm(total=len(order), desc="fit (propagated)", unit="layer", disable=not progress, leave=False)
     for start in range(0, len(order), config.propagate_group):
         names = order[start:start + config.propagate_group]

@@ -39,7 +39,7 @@ the groups before it (not of each other).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -236,25 +236,36 @@ def _samples(module: nn.Module, x: Tensor) -> Tensor:
 
 class BatchCache:
     """The calibration inputs, read once and kept in memory while they fit in ``_BATCH_CACHE_BYTES`` (else read
-    again on every pass)."""
+    again on every pass); only the first ``images`` of them where given (None: all)."""
 
-    def __init__(self, batches: Iterable, device: torch.device):
-        self.batches, self.device = batches, device
+    def __init__(self, batches: Iterable, device: torch.device, images: int | None = None):
+        self.batches, self.device, self.images = batches, device, images
         self.kept: list[Tensor] | None = []
         size = 0
-        for batch in batches:
-            x = batch_inputs(batch)
+        for x in self._first(batches):
             size += x.numel() * x.element_size()
             if size > _BATCH_CACHE_BYTES:
                 self.kept = None
                 break
             self.kept.append(x)
 
+    def _first(self, batches: Iterable) -> Iterator[Tensor]:
+        """The inputs of ``batches``, cut after ``images`` of them."""
+        seen = 0
+        for batch in batches:
+            if self.images is not None and seen >= self.images:
+                return
+            x = batch_inputs(batch)
+            if self.images is not None:
+                x = x[:self.images - seen]
+            seen += x.shape[0]
+            yield x
+
     def __iter__(self):
         if self.kept is not None:
             yield from (x.to(self.device) for x in self.kept)
         else:
-            yield from (batch_inputs(b).to(self.device) for b in self.batches)
+            yield from (x.to(self.device) for x in self._first(self.batches))
 
 
 class PairedPasses:

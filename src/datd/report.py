@@ -17,6 +17,18 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _propagation_lines(report: dict) -> list[str]:
+    """With propagated fits: the images their paired statistics came from and whether residuals were compensated."""
+    cfg = report["config"]
+    if not cfg.get("propagate"):
+        return []
+    images = cfg.get("propagate_images") or 0
+    available = report["statistics"]["num_images"]
+    used = f"the first {images}" if images and images < available else "all"
+    residual = "with" if cfg.get("propagate_residual", True) else "without"
+    return [f"- propagated fits: paired statistics from {used} calibration images, {residual} residual compensation"]
+
+
 def markdown(report: dict) -> str:
     """The report as a Markdown page: summary, then one table row per layer."""
     cfg = report["config"]
@@ -26,6 +38,7 @@ def markdown(report: dict) -> str:
         f"- target: `{cfg['target']}`, method: `{cfg['method']}`, norm: `{cfg['norm']}`, ranks: `{cfg['ranks']}`, "
         f"bias correction: `{cfg['bias_correction']}`, seed: {cfg['seed']}",
         f"- statistics: {report['statistics']['num_images']} images ({report['statistics']['description'] or 'no description'})",
+        *_propagation_lines(report),
         f"- top-1 accuracy: {_pct(report.get('accuracy_before'))} → {_pct(report.get('accuracy_after'))}",
         f"- parameters: {report['params_before']:,} → {report['params_after']:,} ({report['params_ratio']:.3f})",
         f"- MACs per image: {report['macs_before']:,} → {report['macs_after']:,} ({report['macs_ratio']:.3f})",
