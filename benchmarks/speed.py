@@ -141,6 +141,16 @@ def _provenance(rows: list[dict], env: dict) -> list[str]:
             for key, r in sorted(runs.items())] or [env_lines(env)]
 
 
+SAME_DAY = ("*run*: when and at which commit the row was measured (the provenance lines below). Compare ratios "
+            "within one run: this machine's speed drifts between sessions (2026-12-06: the CIFAR ResNet-56 default "
+            "planned in 36 s at 16:49 and in 46 s at 19:54 with the planning code unchanged; the statistics of CIFAR "
+            "ResNet-20 took 5.0× the forward pass at 19:30 at the commit before 96fabb4, 3.2× on 2026-12-01).")
+
+
+def _day(row: dict) -> str:
+    return f"{row.get('date', '')[:16].replace('T', ' ')} {row.get('commit', '')[:7]}".strip() or "—"
+
+
 def statistics_markdown(rows: list[dict], env: dict) -> str:
     lines = ["## Speed: statistics against a forward pass (`benchmarks/speed.py --sections statistics`)", "",
              "`collect_stats` for every Conv2d/Linear (Σ of all images and of the even-image fold, pooled moments, "
@@ -149,13 +159,14 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
              "kept as a fallback and timed here for reference. *1/16 drawn*: `positions=1/16` (each image's "
              "positions drawn at random where that is cheaper than the exact statistics: an estimate, not the same "
              "Σ; its effect on accuracy is in the accuracy section). Goals (issue 10): ≤ 2.5× on ResNet-18 at 224, "
-             "≤ 3× on the CIFAR ResNets.", "",
-             "| model | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio | "
+             "≤ 3× on the CIFAR ResNets. " + SAME_DAY, "",
+             "| model | run | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio | "
              "1/16 drawn s | 1/16 drawn ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median"]
-        lines.append(f"| {r['model']} | {r['images']} × {'×'.join(map(str, r['input']))} | {r['batch']} | "
+        lines.append(f"| {r['model']} | {_day(r)} | {r['images']} × {'×'.join(map(str, r['input']))} | "
+                     f"{r['batch']} | "
                      f"{m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
                      f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× | "
                      + (f"{m[DRAWN]:.2f} | {r['ratio_drawn']:.2f}× |" if DRAWN in m else "— | — |"))
@@ -169,15 +180,17 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
              "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
              "run just before and just after the compress (the mean; both in parentheses where they differ by more "
              "than 10 %: this machine's speed drifts). Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
-             "ResNet-56 default under 90 s (evaluation excluded: none is run here).", "",
-             "| model | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
+             "ResNet-56 default under 90 s (evaluation excluded: none is run here). " + SAME_DAY, "",
+             "| model | run | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
              "params | MACs |",
-             "|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
+             "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
     for r in rows:
         cells = " | ".join(f"{r['timings'][s]:.0f}" if s in r['timings'] else "—" for s in stages)
         pair = r.get("forward_before_after")
         drift = f" ({pair[0]:.1f} / {pair[1]:.1f})" if pair and max(pair) > 1.1 * min(pair) else ""
-        lines.append(f"| {r['model']} | {r['images']} | {r['target']} | {r['forward_seconds']:.1f}{drift} | {cells} | "
+        lines.append(f"| {r['model']} | {_day(r)} | {r['images']} | {r['target']} | "
+                     f"{r['forward_seconds']:.1f}{drift} | "
+                     f"{cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
                      f"{r['macs_ratio']:.3f} |")
     return "\n".join(lines + [""] + _provenance(rows, env))
