@@ -166,8 +166,7 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
     for r in rows:
         m = r["median"]
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} × {'×'.join(map(str, r['input']))} | "
-                     f"{r['batch']} | "
-                     f"{m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
+                     f"{r['batch']} | {m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
                      f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× | "
                      + (f"{m[DRAWN]:.2f} | {r['ratio_drawn']:.2f}× |" if DRAWN in m else "— | — |"))
     return "\n".join(lines + [""] + _provenance(rows, env))
@@ -189,8 +188,7 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
         pair = r.get("forward_before_after")
         drift = f" ({pair[0]:.1f} / {pair[1]:.1f})" if pair and max(pair) > 1.1 * min(pair) else ""
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} | {r['target']} | "
-                     f"{r['forward_seconds']:.1f}{drift} | "
-                     f"{cells} | "
+                     f"{r['forward_seconds']:.1f}{drift} | {cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
                      f"{r['macs_ratio']:.3f} |")
     return "\n".join(lines + [""] + _provenance(rows, env))
