@@ -141,7 +141,7 @@ def _provenance(rows: list[dict], env: dict) -> list[str]:
             for key, r in sorted(runs.items())] or [env_lines(env)]
 
 
-SAME_DAY = ("*run*: when and at which commit the row was measured (the provenance lines below). Compare ratios "
+COMPARE_WITHIN_RUN = ("*run*: when and at which commit the row was measured (the provenance lines below). Compare ratios "
             "within one run: this machine's speed drifts between sessions (2026-12-06: the CIFAR ResNet-56 default "
             "planned in 36 s at 16:49 and in 46 s at 19:54 with the planning code unchanged; the statistics of CIFAR "
             "ResNet-20 took 5.0× the forward pass at 19:30 at the commit before 96fabb4, 3.2× on 2026-12-01).")
@@ -159,7 +159,7 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
              "kept as a fallback and timed here for reference. *1/16 drawn*: `positions=1/16` (each image's "
              "positions drawn at random where that is cheaper than the exact statistics: an estimate, not the same "
              "Σ; its effect on accuracy is in the accuracy section). Goals (issue 10): ≤ 2.5× on ResNet-18 at 224, "
-             "≤ 3× on the CIFAR ResNets. " + SAME_DAY, "",
+             "≤ 3× on the CIFAR ResNets. " + COMPARE_WITHIN_RUN, "",
              "| model | run | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio | "
              "1/16 drawn s | 1/16 drawn ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -179,7 +179,7 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
              "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
              "run just before and just after the compress (the mean; both in parentheses where they differ by more "
              "than 10 %: this machine's speed drifts). Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
-             "ResNet-56 default under 90 s (evaluation excluded: none is run here). " + SAME_DAY, "",
+             "ResNet-56 default under 90 s (evaluation excluded: none is run here). " + COMPARE_WITHIN_RUN, "",
              "| model | run | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
              "params | MACs |",
              "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]

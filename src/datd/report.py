@@ -22,9 +22,8 @@ def _propagation_lines(report: dict) -> list[str]:
     cfg = report["config"]
     if not cfg.get("propagate"):
         return []
-    images = cfg.get("propagate_images") or 0
-    available = report["statistics"]["num_images"]
-    used = f"the first {images}" if images and images < available else "all"
+    images = cfg.get("propagate_images")
+    used = f"the first {images}" if images and images < report["statistics"]["num_images"] else "all"
     residual = "with" if cfg.get("propagate_residual", True) else "without"
     return [f"- propagated fits: paired statistics from {used} calibration images, {residual} residual compensation"]
 
