@@ -208,6 +208,9 @@ def _budgets(scale: str) -> dict:
               help="scale the work each layer's fits may spend (multiply-adds: planning fits "
                    f"{DEFAULTS.candidate_budget:.0e}, final fits {DEFAULTS.fit_budget:.0e}, binding only on wide "
                    "layers) by this factor; 'none' lifts the limit (e.g. on a GPU)")
+@click.option("--fit-workers", type=click.IntRange(min=0), default=DEFAULTS.fit_workers, show_default=True,
+              help="processes that fit different layers at once, one torch thread each (0: one per torch thread; "
+                   "1: every fit in this process)")
 @_positions_option
 @click.option("--overwrite", is_flag=True,
               help="replace an --out directory that holds other files (an earlier datd result is always replaced)")
@@ -217,7 +220,7 @@ def _budgets(scale: str) -> dict:
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
                      memory_format, latency_cache, measure_latency, probe_images, shrinkage, prune, propagate,
-                     propagate_residual, propagate_images, fit_budget, positions, overwrite, resume,
+                     propagate_residual, propagate_images, fit_budget, fit_workers, positions, overwrite, resume,
                      **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
@@ -225,7 +228,8 @@ def compress_command(model_name, weights, data, calib, target, method, norm, ran
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
                             prune=prune, propagate=propagate, propagate_residual=propagate_residual,
-                            propagate_images=propagate_images, positions=positions, **_budgets(fit_budget))
+                            propagate_images=propagate_images, positions=positions, fit_workers=fit_workers,
+                            **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)
     _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, out_dir, device, batch_size, overwrite,
               resume)

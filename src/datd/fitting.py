@@ -159,8 +159,17 @@ def sweeps(method: str, shape: tuple[int, ...], ranks: tuple[int, ...], settings
     fewer where ``settings.budget`` pays for fewer (0: not even one, besides the closed-form start)."""
     if method in ("svd", "prune") or settings.budget is None:  # closed form
         return settings.max_iter
-    per_sweep = tucker2_sweep_macs(shape, ranks) if method == "tucker2" else cp_sweep_macs(shape, ranks[0])
-    return min(settings.max_iter, int(settings.budget // per_sweep))
+    return min(settings.max_iter, int(settings.budget // _sweep_macs(method, shape, ranks)))
+
+
+def _sweep_macs(method: str, shape: tuple[int, ...], ranks: tuple[int, ...]) -> float:
+    return tucker2_sweep_macs(shape, ranks) if method == "tucker2" else cp_sweep_macs(shape, ranks[0])
+
+
+def fit_macs(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings) -> float:
+    """The multiply-adds an iterative fit (all groups) may spend at most: its sweeps times their cost."""
+    shape = tuple(problem.group(0).weight.shape)
+    return _sweep_macs(method, shape, ranks) * problem.groups * sweeps(method, shape, ranks, settings)
 
 
 def fit(problem: LayerProblem, method: str, ranks: tuple[int, ...], settings: FitSettings,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import platform
@@ -34,8 +35,8 @@ from .decompose import DEFAULT_SIGMA_REG, Decomposition, Pruned
 from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
-    NORMS, FitSettings, LayerProblem, damage, fit, prune_damage_curve, relative_output_error, relative_sigma_error,
-    svd_damage_curve, sweeps,
+    NORMS, FitSettings, LayerProblem, damage, fit, fit_macs, prune_damage_curve, relative_output_error,
+    relative_sigma_error, svd_damage_curve, sweeps,
 )
 from .inference import MEMORY_FORMATS, for_inference
 from .latency import (
@@ -54,6 +55,7 @@ from .sensitivity import Sensitivity, output_sensitivity
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
 from .stats import Statistics, batch_inputs, check_calibration_size, check_positions, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
+from .workers import fit_many, resolve_workers
 
 RANK_MODES = ("auto", "uniform")
 # A latency target counts as met within this relative margin: the spread of interleaved medians on a shared machine.
@@ -140,6 +142,9 @@ class CompressConfig:
         traced models only).
     positions: the fraction of each conv's output positions per image that the statistics use (1: all; below 1
         drawn at random with ``seed``: ``datd.stats.PositionSampler``, for large calibration sets).
+    fit_workers: processes that run the iterative fits of different layers at once, at one torch thread each
+        (``datd.workers``; 0: one per torch thread of this process, 1: every fit here, at this process's
+        threads). The factors do not depend on the number of workers from 2 up; with 1 they differ at round-off.
     """
 
     target: str = "params=0.5"
@@ -177,6 +182,7 @@ class CompressConfig:
     propagate_images: int = 0
     propagate_residual: bool = True
     positions: float = 1.0
+    fit_workers: int = 0
 
     def __post_init__(self) -> None:
         self.target = str(Target.parse(self.target))
@@ -209,6 +215,8 @@ class CompressConfig:
         if any(b is not None and b <= 0 for b in (self.candidate_budget, self.fit_budget)):
             raise DatdError("candidate_budget and fit_budget must be positive (or None: no limit)")
         check_positions(self.positions)
+        if self.fit_workers < 0:
+            raise DatdError(f"fit_workers must be >= 0 (0: one per torch thread), got {self.fit_workers}")
         if self.propagate_group < 1 or self.propagate_ridge < 0 or self.propagate_images < 0:
             raise DatdError("propagate_group must be >= 1, propagate_ridge >= 0 and propagate_images >= 0")
         for name in ("latency_batch", "latency_rounds", "latency_repeats"):
@@ -291,6 +299,7 @@ def compress(
     device = torch.device(device) if device else next(model.parameters()).device
     original = model.to(device).eval()
     settings, target = config.settings, Target.parse(config.target)
+    workers = resolve_workers(config.fit_workers)
     multiple = _rank_multiple(config, device)
     broken = next((n for n, t in original.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()),
                   None)
@@ -405,7 +414,7 @@ def compress(
             timings["damage probes"] = time.perf_counter() - tick
         tick = time.perf_counter()
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
-                                                               config.latency_rounds, progress)
+                                                               config.latency_rounds, progress, workers)
         timings["fitting and latency rounds"] = time.perf_counter() - tick
         if config.propagate and entries:  # same structure, so the measured latency stands
             tick = time.perf_counter()
@@ -422,7 +431,7 @@ def compress(
             if plan_file is not None:
                 choice = {n: _option_from_plan(n, l, plan_file[n]) for n, l in layers.items()}
             elif config.ranks == "uniform":
-                choice = _uniform(layers, budget, target, settings, total, fixed, multiple)
+                choice = _uniform(layers, budget, target, settings, total, fixed, multiple, workers)
             else:
                 options = _options(layers, config, target, multiple, progress)
                 try:
@@ -446,7 +455,7 @@ def compress(
             compressed, entries = _build_propagated(original, layers, choice, settings, calib, first, config, progress,
                                                     checkpoint)
         else:
-            compressed, entries = _build(original, layers, choice, settings, progress, checkpoint)
+            compressed, entries = _build(original, layers, choice, settings, progress, checkpoint, workers)
         timings["fitting"] = time.perf_counter() - tick
         latency = None
         if timing is not None:
@@ -494,18 +503,20 @@ def compress(
 
 
 def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Option], settings: FitSettings,
-           progress: bool, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, dict[str, dict]]:
-    """A copy of ``original`` with every layer of ``choice`` that is not 'dense' fitted and swapped in (or
-    restored from ``checkpoint``; each new fit is saved there); the per-layer report entries."""
+           progress: bool, checkpoint: Checkpoint | None = None, workers: int = 1) -> tuple[nn.Module, dict[str, dict]]:
+    """A copy of ``original`` with every layer of ``choice`` that is not 'dense' fitted (``workers`` fits at a
+    time) and swapped in (or restored from ``checkpoint``; each new fit is saved there); the per-layer report
+    entries."""
     compressed = copy.deepcopy(original)
     entries = {}
-    for name, layer in tqdm(layers.items(), desc="fit", unit="layer", disable=not progress, leave=False):
-        option = choice[name]
-        if option.method == "dense":
-            continue
-        saved = checkpoint.fit(name) if checkpoint is not None else None
-        if saved is not None:
-            entries[name] = _restore(compressed, name, layer, *saved)
+    chosen = [n for n in layers if choice[n].method != "dense"]
+    saved = {n: checkpoint.fit(n) for n in chosen} if checkpoint is not None else {}
+    _prefetch(layers, [(n, choice[n].method, choice[n].ranks) for n in chosen if saved.get(n) is None], settings,
+              workers)
+    for name in tqdm(chosen, desc="fit", unit="layer", disable=not progress, leave=False):
+        layer, option = layers[name], choice[name]
+        if saved.get(name) is not None:
+            entries[name] = _restore(compressed, name, layer, *saved[name])  # type: ignore[misc]
             continue
         decomposition = _fit_cached(layer, option.method, option.ranks, settings)
         entries[name] = _install(compressed, name, layer, layer.problem, decomposition, option, settings)
@@ -548,8 +559,9 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
                       settings: FitSettings, calib: Iterable, first: Tensor, config: CompressConfig,
                       progress: bool, checkpoint: Checkpoint | None = None) -> tuple[nn.Module, dict[str, dict]]:
     """``_build`` with error-compensating fits (``datd.propagate``): the chosen layers in the order of their
-    first call, ``config.propagate_group`` at a time, each fitted to reproduce the original layer's outputs
-    from the inputs it receives in the model compressed so far."""
+    first call, ``config.propagate_group`` at a time (fitted side by side, ``config.fit_workers``), each fitted
+    to reproduce the original layer's outputs from the inputs it receives in the model compressed so far."""
+    workers = resolve_workers(config.fit_workers)
     compressed = copy.deepcopy(original)
     entries: dict[str, dict] = {}
     chosen = [n for n, o in choice.items() if o.method != "dense"]
@@ -569,17 +581,18 @@ def _build_propagated(original: nn.Module, layers: dict[str, _Layer], choice: di
         # the group's statistics are taken before any of it is installed, so restoring some changes nothing
         group = [n for n in names if n in calls and saved.get(n) is None]
         paired = passes.statistics(group, calls, order[start:]) if group else {}
+        problems = {n: corrected_problem(layers[n].problem, paired[n], settings.bias_correction, config.propagate_ridge,
+                                         layers[n].shrinkage.alpha) if n in paired else layers[n].problem
+                    for n in names if saved.get(n) is None}
+        fits = fit_many({n: functools.partial(fit, p, choice[n].method, choice[n].ranks, settings)
+                         for n, p in problems.items()}, workers, on_cpu=first.device.type == "cpu")
         for name in names:
             layer, option = layers[name], choice[name]
             bar.update()
             if saved.get(name) is not None:
                 entries[name] = _restore(compressed, name, layer, *saved[name])  # type: ignore[misc]
                 continue
-            problem = layer.problem
-            if name in paired:
-                problem = corrected_problem(problem, paired[name], settings.bias_correction, config.propagate_ridge,
-                                            layer.shrinkage.alpha)
-            decomposition = fit(problem, option.method, option.ranks, settings)
+            problem, decomposition = problems[name], fits[name]
             entries[name] = _install(compressed, name, layer, problem, decomposition, option, settings)
             entries[name]["propagated"] = name in paired
             if checkpoint is not None:
@@ -744,8 +757,8 @@ class _Timing:
 
 
 def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dict[str, list[Option]], timing: _Timing,
-                    target: Target, settings: FitSettings, rounds: int,
-                    progress: bool) -> tuple[nn.Module, dict, dict[str, Option], dict]:
+                    target: Target, settings: FitSettings, rounds: int, progress: bool,
+                    workers: int = 1) -> tuple[nn.Module, dict, dict[str, Option], dict]:
     """Allocate the measured per-layer latencies to the target, build, measure the whole model, correct the
     budget and re-plan (``rounds`` at most). Returns the model, its layer entries, its choice and its latency
     record: the least damaging round that meets the target, else the fastest one — and never a model slower
@@ -757,7 +770,7 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
         choice = allocate(options, budget.allowed, "latency", _producers(layers))
         if any(choice == r[2] for r in results):
             break
-        compressed, entries = _build(original, layers, choice, settings, progress)
+        compressed, entries = _build(original, layers, choice, settings, progress, workers=workers)
         measured = timing.measure(compressed, timing.forms(layers, choice))
         chosen_ns = sum(o.cost.latency for o in choice.values())
         history.append({"budget_s": budget.allowed * 1e-9, "predicted_ratio": 1 - (budget.dense - chosen_ns) / reference_ns,
@@ -819,12 +832,13 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
                 if o.method != "dense" and (o.method, o.ranks) not in measured.get(n, {})]
         if not todo:
             break
+        _prefetch(layers, [(n, o.method, o.ranks) for n, o in todo], settings, resolve_workers(config.fit_workers))
         replacements = [_replacement(layers[name], option, settings) for name, option in todo]
         for (name, option), kl in zip(todo, probe.lower_bounds(replacements)):  # one round's probes share passes
             measured.setdefault(name, {})[option.method, option.ranks] = kl
         corrected = {n: calibrated(opts, measured.get(n, {})) for n, opts in options.items()}
     if config.method == "auto":
-        corrected, check = _prune_or_not(layers, corrected, choose, probe, settings)
+        corrected, check = _prune_or_not(layers, corrected, choose, probe, settings, resolve_workers(config.fit_workers))
     else:
         check = None
     return corrected, measured, check
@@ -832,7 +846,7 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
 
 def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]],
                   choose: Callable[[dict[str, list[Option]]], dict[str, Option]], probe: DamageProbe,
-                  settings: FitSettings) -> tuple[dict[str, list[Option]], dict | None]:
+                  settings: FitSettings, workers: int = 1) -> tuple[dict[str, list[Option]], dict | None]:
     """Whether the plan prunes: the options as they are, or without pruning, by which of the two plans ``choose``
     makes costs the model less (the mean KL on the probe images with every chosen layer replaced at once).
 
@@ -854,6 +868,8 @@ def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]],
         return probe.measure_together([_replacement(layers[n], o, settings) for n, o in choice.items()
                                        if o.method != "dense"])[0]
 
+    _prefetch(layers, [(n, o.method, o.ranks) for c in (with_pruning, without_pruning) for n, o in c.items()], settings,
+              workers)
     kl_with, kl_without = cost(with_pruning), cost(without_pruning)
     check = {"kept": kl_with <= kl_without, "kl_with": kl_with, "kl_without": kl_without, "images": probe.images}
     return (options if check["kept"] else without), check
@@ -875,10 +891,31 @@ def _fit_cached(layer: _Layer, method: str, ranks: tuple[int, ...], settings: Fi
     its planning fit: the same result as a fresh fit, without redoing the planning fit's sweeps)."""
     key = (method, tuple(ranks), settings)
     if key not in layer.fits:
-        earlier = [d for (m, r, s), d in layer.fits.items() if (m, r) == key[:2] and settings.continues(s)]
-        start = max(earlier, key=lambda d: len(d.history), default=None)
-        layer.fits[key] = fit(layer.problem, method, ranks, settings, start)
+        layer.fits[key] = fit(layer.problem, method, ranks, settings, _start(layer, key))
     return layer.fits[key]
+
+
+def _start(layer: _Layer, key: tuple[str, tuple[int, ...], FitSettings]) -> Decomposition | None:
+    """The cached fit of the layer that a fit of ``key`` goes on from (the one with the most sweeps), if any."""
+    method, ranks, settings = key
+    earlier = [d for (m, r, s), d in layer.fits.items() if (m, r) == (method, ranks) and settings.continues(s)]
+    return max(earlier, key=lambda d: len(d.history), default=None)
+
+
+def _prefetch(layers: dict[str, _Layer], wanted: Iterable[tuple[str, str, tuple[int, ...]]], settings: FitSettings,
+              workers: int) -> None:
+    """Run ahead, ``workers`` at a time (``datd.workers``), the iterative fits (layer, method, ranks) that the
+    next step will ask ``_fit_cached`` for and that are not cached yet; the closed forms stay where they are asked."""
+    jobs, costs = {}, {}
+    for name, method, ranks in wanted:
+        layer, key = layers[name], (method, tuple(ranks), settings)
+        if method not in ("tucker2", "cp") or key in layer.fits or (name, key) in jobs:
+            continue
+        jobs[name, key] = functools.partial(fit, layer.problem, method, key[1], settings, _start(layer, key))
+        costs[name, key] = fit_macs(layer.problem, method, key[1], settings)
+    on_cpu = all(layers[n].problem.sigma.device.type == "cpu" for n, _ in jobs)
+    for (name, key), decomposition in fit_many(jobs, workers, cost=costs.__getitem__, on_cpu=on_cpu).items():
+        layers[name].fits[key] = decomposition
 
 
 def _rank_multiple(config: CompressConfig, device: torch.device) -> int:
@@ -901,6 +938,10 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
     settings = config.candidate_settings
     metric = "macs" if target.metric == "latency" else target.metric
     options: dict[str, list[Option]] = {}
+    if latency is None:  # the anchors are known before any measurement: fit them all at once
+        _prefetch(layers, [(n, m, r) for n, layer in layers.items() for m in layer.methods
+                           for r in _anchors(layer, m, config, metric, multiple)], settings,
+                  resolve_workers(config.fit_workers))
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
         g = layer.geometry
         seconds: dict[tuple[str, tuple[int, ...]], float] = {}  # (method, ranks) -> measured seconds
@@ -909,7 +950,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
         opts = [Option("dense", (), dense_cost(g), 0.0)]
         for method in layer.methods:
             ladder = rank_ladder(method, g, multiple)
-            anchors = {r for f in config.candidates if (r := ranks_for_fraction(method, g, f, metric, multiple))}
+            anchors = _anchors(layer, method, config, metric, multiple)
             if latency is not None and method == "prune":  # the chain's layers with fewer channels, timed
                 chain, profile = layer.chain, layer.profile
                 assert chain is not None and profile is not None and model is not None
@@ -921,10 +962,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 fast_enough = (1 - LATENCY_MIN_GAIN) * seconds["dense", ()]
                 ladder = [r for r in ladder if r in measured and measured[r].seconds < fast_enough]
                 seconds.update({(method, r): measured[r].seconds for r in ladder})
-                anchors = (anchors & set(ladder)) | set(ladder[-1:])
-            if method != "svd":  # only anchors whose fit the planning budget pays for
-                shape = tuple(layer.problem.group(0).weight.shape)
-                anchors = {r for r in anchors if sweeps(method, shape, r, settings) >= 1}
+                anchors = _affordable(layer, method, (anchors & set(ladder)) | set(ladder[-1:]), settings)
             if method == "svd":
                 curve = svd_damage_curve(layer.problem, layer.sensitivity, settings)
                 opts += [Option("svd", r, factorized_cost("svd", g, r), float(curve[r[0]])) for r in ladder]
@@ -948,6 +986,21 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
     return options
 
 
+def _anchors(layer: _Layer, method: str, config: CompressConfig, metric: str, multiple: int) -> set[tuple[int, ...]]:
+    """The ranks at which ``_options`` fits ``method`` for planning: those of the candidate fractions, where the
+    planning budget pays for a sweep of the fit."""
+    g = layer.geometry
+    ranks = {r for f in config.candidates if (r := ranks_for_fraction(method, g, f, metric, multiple))}
+    return _affordable(layer, method, ranks, config.candidate_settings)
+
+
+def _affordable(layer: _Layer, method: str, ranks: set[tuple[int, ...]], settings: FitSettings) -> set[tuple[int, ...]]:
+    if method == "svd":  # closed form: every rank
+        return ranks
+    shape = tuple(layer.problem.group(0).weight.shape)
+    return {r for r in ranks if sweeps(method, shape, r, settings) >= 1}
+
+
 def _interpolated(method: str, g: Geometry, ladder: list[tuple[int, ...]], points: list[tuple[int, float]],
                   metric: str) -> list[Option]:
     """Options for the ladder ranks whose cost lies within the fitted anchor ``points`` (cost, damage),
@@ -968,7 +1021,7 @@ def _interpolated(method: str, g: Geometry, ladder: list[tuple[int, ...]], point
 
 
 def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: FitSettings,
-             total: int, fixed: int, multiple: int) -> dict[str, Option]:
+             total: int, fixed: int, multiple: int, workers: int = 1) -> dict[str, Option]:
     """The same cost ratio ρ in every layer: the largest ρ (bisection) whose per-layer ranks — the largest
     with cost ≤ ρ · dense cost — fit the budget. With method 'auto', each layer takes the decomposition with
     the least damage at its ratio."""
@@ -1001,6 +1054,7 @@ def _uniform(layers: dict[str, _Layer], budget: int, target: Target, settings: F
         mid = (low + high) / 2
         low, high = (mid, high) if worst_total(mid) <= budget else (low, mid)
     chosen: dict[str, Option] = {}
+    _prefetch(layers, [(n, m, r) for (n, m), r in ranks_at(low).items()], settings, workers)
     for (name, method), ranks in ranks_at(low).items():
         layer = layers[name]
         approx = _fit_cached(layer, method, ranks, settings).reconstruct()
