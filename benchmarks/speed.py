@@ -103,7 +103,9 @@ def run_statistics(repeats: int, cases: list[tuple]) -> list[dict]:
     return rows
 
 
-def run_compress(cases: list[tuple]) -> list[dict]:
+def run_compress(cases: list[tuple], compare_workers: bool = False) -> list[dict]:
+    """``compare_workers``: also compress with ``fit_workers=1`` (every fit in this process, at its threads) right
+    after the default run, between the same forward passes."""
     rows = []
     for model_name, weights, data, images, batch, target in cases:
         loaded, batches = _batches(model_name, weights, data, images, batch)
@@ -119,13 +121,20 @@ def run_compress(cases: list[tuple]) -> list[dict]:
         start = time.perf_counter()
         _, report = datd.compress(model, batches, target=target, progress=False, measure_latency=False)
         seconds = time.perf_counter() - start
+        one_worker = {}
+        if compare_workers:
+            start = time.perf_counter()
+            _, single = datd.compress(model, batches, target=target, progress=False, measure_latency=False,
+                                      fit_workers=1)
+            one_worker = {"one_worker_seconds": time.perf_counter() - start, "one_worker_timings": single["timings"]}
         after = forward_pass()  # the machine's speed drifts over a run of minutes: the ratio uses both
         forward = (before + after) / 2
         rows.append({"section": "compress", "model": model_name, "images": images, "batch": batch, "target": target,
                      "forward_seconds": forward, "forward_before_after": [before, after],
                      "compress_seconds": seconds, "ratio": seconds / forward,
                      "timings": report["timings"], "params_ratio": report["params_ratio"],
-                     "macs_ratio": report["macs_ratio"],
+                     "macs_ratio": report["macs_ratio"], "fit_workers": report["config"]["fit_workers"],
+                     "threads": torch.get_num_threads(), **one_worker,
                      "methods": sorted({l.get("method") for l in report["layers"] if l.get("method")})})
         stages = ", ".join(f"{k} {v:.0f}s" for k, v in report["timings"].items())
         print(f"compress {model_name} {target}: {seconds:.0f}s = {rows[-1]['ratio']:.1f}x forward ({forward:.1f}s); "
@@ -172,6 +181,14 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines + [""] + _provenance(rows, env))
 
 
+def _one_worker(row: dict) -> str:
+    if "one_worker_seconds" not in row:
+        return "—"
+    t = row["one_worker_timings"]
+    parts = " / ".join(f"{t[k]:.0f}" if k in t else "—" for k in ("planning", "damage probes", "fitting"))
+    return f"{parts}, {row['one_worker_seconds']:.0f} ({row['one_worker_seconds'] / row['compress_seconds']:.2f}×)"
+
+
 def compress_markdown(rows: list[dict], env: dict) -> str:
     stages = ["statistics", "shrinkage", "sensitivity", "planning", "damage probes", "fitting"]
     lines = ["## Speed: compress end to end (`benchmarks/speed.py --sections compress`)", "",
@@ -179,10 +196,14 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
              "decoded images; forward = one plain forward pass over the same calibration images, timed in the same "
              "run just before and just after the compress (the mean; both in parentheses where they differ by more "
              "than 10 %: this machine's speed drifts). Goals (issue 10): ResNet-50 at macs=0.5 ≤ 12× its forward pass over 512 images; the CIFAR "
-             "ResNet-56 default under 90 s (evaluation excluded: none is run here). " + COMPARE_WITHIN_RUN, "",
+             "ResNet-56 default under 90 s (evaluation excluded: none is run here). The fits of different layers run "
+             "side by side in one worker process per torch thread (`fit_workers`, `datd.workers`); *1 worker*: the "
+             "same compress with every fit in the calling process (`fit_workers=1`, as before 2026-12-06 22:45), "
+             "timed in the same run where given (`--compare-workers`): its planning / probes / fitting seconds, its "
+             "total and its ratio to the default's. " + COMPARE_WITHIN_RUN, "",
              "| model | run | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
-             "params | MACs |",
-             "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|"]
+             "params | MACs | 1 worker: planning / probes / fitting, compress s (× default) |",
+             "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|---|"]
     for r in rows:
         cells = " | ".join(f"{r['timings'][s]:.0f}" if s in r['timings'] else "—" for s in stages)
         pair = r.get("forward_before_after")
@@ -190,7 +211,7 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} | {r['target']} | "
                      f"{r['forward_seconds']:.1f}{drift} | {cells} | "
                      f"{r['compress_seconds']:.0f} | **{r['ratio']:.1f}×** | {r['params_ratio']:.3f} | "
-                     f"{r['macs_ratio']:.3f} |")
+                     f"{r['macs_ratio']:.3f} | {_one_worker(r)} |")
     return "\n".join(lines + [""] + _provenance(rows, env))
 
 
@@ -200,6 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the CIFAR ResNet-20 and ResNet-18 cases only")
     parser.add_argument("--models", help="comma-separated subset of the cases' models")
+    parser.add_argument("--compare-workers", action="store_true",
+                        help="compress: also time fit_workers=1 (the fits in-process) in the same run")
     args = parser.parse_args()
     torch.manual_seed(0)
     allocator = datd.tune_allocator()  # one allocator regime for every timing (glibc otherwise page-faults activations)
@@ -224,7 +247,8 @@ def main() -> None:
         write_results("speed_statistics", rows)
         update_section("speed_statistics", statistics_markdown(rows, env))
     if "compress" in sections:
-        rows = merged("speed_compress", stamp(run_compress([c for c in COMPRESS if wanted(c[0])])))
+        rows = merged("speed_compress", stamp(run_compress([c for c in COMPRESS if wanted(c[0])],
+                                                                    args.compare_workers)))
         write_results("speed_compress", rows)
         update_section("speed_compress", compress_markdown(rows, env))
     if "decompose" in sections:
