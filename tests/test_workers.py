@@ -12,7 +12,7 @@ from datd.fitting import FitSettings, LayerProblem, fit
 from datd.layers import Geometry
 from datd.workers import can_fork, fit_many, resolve_workers
 
-pytestmark = pytest.mark.skipif(not can_fork(), reason="no 'fork' start method on this platform: fits run in-process")
+pytestmark = pytest.mark.skipif(not can_fork(), reason="fits fork only on Linux; elsewhere they run in-process")
 
 
 def _problem(out_channels: int, in_channels: int, groups: int = 1, seed: int = 0) -> LayerProblem:

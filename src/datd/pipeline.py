@@ -512,7 +512,7 @@ def _build(original: nn.Module, layers: dict[str, _Layer], choice: dict[str, Opt
     chosen = [n for n in layers if choice[n].method != "dense"]
     saved = {n: checkpoint.fit(n) for n in chosen} if checkpoint is not None else {}
     _prefetch(layers, [(n, choice[n].method, choice[n].ranks) for n in chosen if saved.get(n) is None], settings,
-              workers)
+              workers, "fit" if progress else None)
     for name in tqdm(chosen, desc="fit", unit="layer", disable=not progress, leave=False):
         layer, option = layers[name], choice[name]
         if saved.get(name) is not None:
@@ -903,7 +903,7 @@ def _start(layer: _Layer, key: tuple[str, tuple[int, ...], FitSettings]) -> Deco
 
 
 def _prefetch(layers: dict[str, _Layer], wanted: Iterable[tuple[str, str, tuple[int, ...]]], settings: FitSettings,
-              workers: int) -> None:
+              workers: int, progress: str | None = None) -> None:
     """Run ahead, ``workers`` at a time (``datd.workers``), the iterative fits (layer, method, ranks) that the
     next step will ask ``_fit_cached`` for and that are not cached yet; the closed forms stay where they are asked."""
     jobs, costs = {}, {}
@@ -914,7 +914,8 @@ def _prefetch(layers: dict[str, _Layer], wanted: Iterable[tuple[str, str, tuple[
         jobs[name, key] = functools.partial(fit, layer.problem, method, key[1], settings, _start(layer, key))
         costs[name, key] = fit_macs(layer.problem, method, key[1], settings)
     on_cpu = all(layers[n].problem.sigma.device.type == "cpu" for n, _ in jobs)
-    for (name, key), decomposition in fit_many(jobs, workers, cost=costs.__getitem__, on_cpu=on_cpu).items():
+    for (name, key), decomposition in fit_many(jobs, workers, cost=costs.__getitem__, on_cpu=on_cpu,
+                                               progress=progress).items():
         layers[name].fits[key] = decomposition
 
 
@@ -941,7 +942,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
     if latency is None:  # the anchors are known before any measurement: fit them all at once
         _prefetch(layers, [(n, m, r) for n, layer in layers.items() for m in layer.methods
                            for r in _anchors(layer, m, config, metric, multiple)], settings,
-                  resolve_workers(config.fit_workers))
+                  resolve_workers(config.fit_workers), "candidate fits" if progress else None)
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
         g = layer.geometry
         seconds: dict[tuple[str, tuple[int, ...]], float] = {}  # (method, ranks) -> measured seconds

@@ -8,19 +8,21 @@ So ``fit_many`` runs independent fits in ``workers`` processes forked from this 
 
 Every fit in a worker runs at one torch thread, whatever the number of workers, so the factors do not depend
 on it (a fit in this process at this process's threads differs from them at round-off: ``workers=1`` keeps
-that). Where forking is unsafe or useless the fits run here, one after another: no ``fork`` start method
-(Windows, or a platform that lacks it), problems on a GPU, one worker, one fit.
+that). Where forking is unsafe or useless the fits run here, one after another: not Linux (Windows has no
+``fork``; macOS's system libraries are not fork-safe, which is why Python no longer forks there by default),
+problems on a GPU, one worker, one fit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
+import sys
 from typing import Callable, Hashable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .decompose import Decomposition, Grouped
 
@@ -37,33 +39,44 @@ def resolve_workers(requested: int) -> int:
 
 
 def can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Whether fits may run in forked workers here (Linux)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
 def fit_many(jobs: dict[Hashable, Callable[[], Decomposition]], workers: int, *,
-             cost: Callable[[Hashable], float] | None = None, on_cpu: bool = True) -> dict[Hashable, Decomposition]:
+             cost: Callable[[Hashable], float] | None = None, on_cpu: bool = True,
+             progress: str | None = None) -> dict[Hashable, Decomposition]:
     """Run every job (a call that returns a ``Decomposition``) and return the results by key. With ``workers``
     ≥ 2, a CPU run and a ``fork`` start method, in that many forked processes at one torch thread each, the
-    costliest (``cost``) first so that none is left alone at the end; else here, in order."""
+    costliest (``cost``) first so that none is left alone at the end; else here, in order. ``progress``: the
+    label of a progress bar over the jobs (None: none)."""
     keys = list(jobs)
-    if workers < 2 or len(keys) < 2 or not on_cpu or not can_fork():
-        return {k: jobs[k]() for k in keys}
-    if cost is not None:
-        keys.sort(key=cost, reverse=True)
-    global _JOBS
-    _JOBS = [jobs[k] for k in keys]
+    bar = tqdm(total=len(keys), desc=progress, unit="fit", disable=progress is None or not keys, leave=False)
     try:
-        context = multiprocessing.get_context("fork")
-        with context.Pool(min(workers, len(keys)), initializer=_one_thread) as pool:
-            packed = pool.map(_run, range(len(keys)), chunksize=1)
+        if workers < 2 or len(keys) < 2 or not on_cpu or not can_fork():
+            return {k: _counted(jobs[k](), bar) for k in keys}
+        if cost is not None:
+            keys.sort(key=cost, reverse=True)
+        global _JOBS
+        _JOBS = [jobs[k] for k in keys]
+        try:
+            context = multiprocessing.get_context("fork")
+            with context.Pool(min(workers, len(keys)), initializer=_one_thread) as pool:
+                packed = [_counted(p, bar) for p in pool.imap(_run, range(len(keys)), chunksize=1)]
+        finally:
+            _JOBS = ()
+        return {k: _unpack(p) for k, p in zip(keys, packed)}
     finally:
-        _JOBS = ()
-    return {k: _unpack(p) for k, p in zip(keys, packed)}
+        bar.close()
+
+
+def _counted(result, bar):
+    bar.update()
+    return result
 
 
 def _one_thread() -> None:
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _run(index: int) -> tuple:
