@@ -247,8 +247,8 @@ def main() -> None:
         write_results("speed_statistics", rows)
         update_section("speed_statistics", statistics_markdown(rows, env))
     if "compress" in sections:
-        rows = merged("speed_compress", stamp(run_compress([c for c in COMPRESS if wanted(c[0])],
-                                                                    args.compare_workers)))
+        cases = [c for c in COMPRESS if wanted(c[0])]
+        rows = merged("speed_compress", stamp(run_compress(cases, args.compare_workers)))
         write_results("speed_compress", rows)
         update_section("speed_compress", compress_markdown(rows, env))
     if "decompose" in sections:
