@@ -939,9 +939,10 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
     settings = config.candidate_settings
     metric = "macs" if target.metric == "latency" else target.metric
     options: dict[str, list[Option]] = {}
+    anchor_ranks = {(n, m): _anchors(layer, m, config, metric, multiple)
+                    for n, layer in layers.items() for m in layer.methods}
     if latency is None:  # the anchors are known before any measurement: fit them all at once
-        _prefetch(layers, [(n, m, r) for n, layer in layers.items() for m in layer.methods
-                           for r in _anchors(layer, m, config, metric, multiple)], settings,
+        _prefetch(layers, [(n, m, r) for (n, m), ranks in anchor_ranks.items() for r in ranks], settings,
                   resolve_workers(config.fit_workers), "candidate fits" if progress else None)
     for name, layer in tqdm(layers.items(), desc="candidates", unit="layer", disable=not progress, leave=False):
         g = layer.geometry
@@ -951,7 +952,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
         opts = [Option("dense", (), dense_cost(g), 0.0)]
         for method in layer.methods:
             ladder = rank_ladder(method, g, multiple)
-            anchors = _anchors(layer, method, config, metric, multiple)
+            anchors = anchor_ranks[name, method]
             if latency is not None and method == "prune":  # the chain's layers with fewer channels, timed
                 chain, profile = layer.chain, layer.profile
                 assert chain is not None and profile is not None and model is not None
