@@ -260,8 +260,9 @@ def _compress(loaded, data, calib, config, stats_path, eval_data, eval_limit, ou
         click.echo(f"compressing {model_name} to {config.target} with {config.method}/{config.norm}/{config.ranks} on "
                    f"{device} ({calib} calibration images from {data}; {where})", err=True)
     compressed, report = compress(loaded.model, calib_loader, config, stats=stats, eval_data=evaluation, device=device,
-                                  checkpoint=checkpoint, stats_batches=distributed.Shard(calib_loader),
-                                  progress=main_rank)
+                                  checkpoint=checkpoint, progress=main_rank,
+                                  # under torchrun this rank's share; alone, the statistics come with the sensitivities
+                                  stats_batches=distributed.Shard(calib_loader) if distributed.world_size() > 1 else None)
     if not main_rank:
         return
     source = {"model": model_name, "weights": loaded.weights, "preprocessing": dataclasses.asdict(loaded.preprocessing)}

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .channels import (
     MARK, Chain, ChainProfile, find_chains, module_sizes, profile_chains, prune_chain, resize, timed_parts, with_bias,
 )
+from .calibration import statistics_and_sensitivity
 from .checkpoint import Checkpoint, model_digest
 from .decompose import DEFAULT_SIGMA_REG, Decomposition, Pruned
 from .errors import DatdError, reading
@@ -338,9 +339,18 @@ def compress(
                           "plan": plan_file, "filter_fn": filter_fn is not None})
 
     tick = time.perf_counter()
+    measured: dict[str, Sensitivity] | None = None  # sensitivities, when measured in the statistics' pass
     if stats is None:
         stats = checkpoint.statistics() if checkpoint is not None else None
-        if stats is None:
+        if stats is None and stats_batches is None and config.ranks == "auto" and config.sensitivity:
+            # one pass for both (``datd.calibration``): the sensitivity images' forward pass serves the statistics too
+            stats, measured = statistics_and_sensitivity(
+                original, calib, wanted, {n: candidates[n] for n in wanted},
+                sensitivity_images=config.sensitivity_images, device=device, uncalled="skip",
+                positions=config.positions, seed=config.seed, progress=progress)
+            if checkpoint is not None:
+                checkpoint.save_statistics(stats)
+        elif stats is None:
             stats = collect_stats(original, calib if stats_batches is None else stats_batches, wanted, device=device,
                                   progress=progress, uncalled="skip", positions=config.positions, seed=config.seed)
             if checkpoint is not None:
@@ -357,7 +367,8 @@ def compress(
                           "regularization; more calibration images give better fits", stacklevel=2)
     else:
         stats.check(original, required=wanted)
-    timings["statistics"] = time.perf_counter() - tick
+    # one stage where the sensitivities came with the statistics (``datd.calibration``)
+    timings["statistics" if measured is None else "statistics and sensitivity"] = time.perf_counter() - tick
 
     if fit_cache is not None:
         if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
@@ -383,13 +394,15 @@ def compress(
 
     tick = time.perf_counter()
     if config.ranks == "auto" and config.sensitivity and layers:
-        measured = output_sensitivity(
-            original, calib, {n: l.module for n, l in layers.items()},
-            max_images=config.sensitivity_images, seed=config.seed, device=device, progress=progress,
-        )
+        if measured is None:
+            measured = output_sensitivity(
+                original, calib, {n: l.module for n, l in layers.items()},
+                max_images=config.sensitivity_images, seed=config.seed, device=device, progress=progress,
+            )
         for name, layer in layers.items():
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
-    timings["sensitivity"] = time.perf_counter() - tick
+    if "statistics and sensitivity" not in timings:
+        timings["sensitivity"] = time.perf_counter() - tick
 
     planned = checkpoint.planning() if checkpoint is not None and target.metric != "latency" else None
     probe, probed, curve, pruning = None, {}, None, None

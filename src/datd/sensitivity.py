@@ -76,15 +76,43 @@ def output_sensitivity(
 ) -> dict[str, Sensitivity]:
     """Per-output-channel Fisher sensitivities (``Sensitivity``) for each of ``layers`` (name -> module of
     ``model``), from up to ``max_images`` calibration images."""
-    if device is None:
-        device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    sums = {name: torch.zeros(module.weight.shape[0], dtype=torch.float64) for name, module in layers.items()}
-    pooled = {name: torch.zeros_like(s) for name, s in sums.items()}
-    positions: dict[str, int] = {}
+    with SensitivityMeter(model, layers, seed=seed) as meter:
+        for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress, leave=False):
+            x = batch_inputs(batch)
+            if max_images is not None:
+                x = x[: max_images - meter.images]
+            if x.shape[0] == 0:
+                break
+            meter.step(x.to(device if device is not None else next(model.parameters()).device))
+            if max_images is not None and meter.images >= max_images:
+                break
+    return meter.result()
 
-    def make_hook(name: str):
+
+class SensitivityMeter:
+    """``output_sensitivity`` for a caller that chooses the batches (``datd.calibration``: the statistics and the
+    sensitivities in one pass): within ``with``, ``step(x)`` runs the model forward and backward on x and adds its
+    images' squared gradients; ``result()`` after the last. Forward passes run by others meanwhile without
+    gradients (``torch.no_grad``) are not counted."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], *, seed: int = 0):
+        self.model, self.layers = model, layers
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.sums = {name: torch.zeros(module.weight.shape[0], dtype=torch.float64) for name, module in layers.items()}
+        self.pooled = {name: torch.zeros_like(s) for name, s in self.sums.items()}
+        self.positions: dict[str, int] = {}
+        self.images = 0
+        self._handles: list = []
+        self._trainable: list[nn.Parameter] = []
+        self._was_training = model.training
+
+    def _hook(self, name: str):
+        sums, pooled, positions = self.sums[name], self.pooled[name], self.positions
+
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not output.requires_grad:  # a forward pass without gradients (another pass's images)
+                return
+
             def grad_hook(grad: Tensor) -> None:
                 # float32 reductions (cascaded sums, ~1e-7 relative), float64 totals: no float64 or channels-last
                 # copy of the gradient (those copies cost about one forward pass on ResNet-50: 3.9× → 2.9×)
@@ -98,46 +126,46 @@ def output_sensitivity(
                     dims, per_image, count = (0, 1), g.sum(dim=1), g.shape[1]
                 pooled_sq = per_image.double().square().sum(dim=0).cpu()
                 # one position: the same float64 sums, so total == pooled and the spread is exactly 0
-                sums[name] += pooled_sq if count == 1 else g.square().sum(dim=dims).double().cpu()
-                pooled[name] += pooled_sq
+                sums.add_(pooled_sq if count == 1 else g.square().sum(dim=dims).double().cpu())
+                pooled.add_(pooled_sq)
                 positions[name] = count
 
             output.register_hook(grad_hook)
 
         return forward_hook
 
-    was_training = model.training
-    model.eval()
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
-    # only the gradients of layer outputs are needed: the parameters' (a weight gradient per layer, a third of the
-    # backward pass) are not computed
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    seen = 0
-    try:
-        with torch.enable_grad():
-            for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress, leave=False):
-                x = batch_inputs(batch).to(device)
-                if max_images is not None:
-                    x = x[: max_images - seen]
-                if x.shape[0] == 0:
-                    break
-                x.requires_grad_(True)  # so that the output hooks fire with the parameters frozen
-                log_p = torch.log_softmax(model(x).double(), dim=1)
-                sampled = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=gen).to(log_p.device)
-                model.zero_grad(set_to_none=True)
-                log_p.gather(1, sampled).sum().backward()
-                seen += x.shape[0]
-                if max_images is not None and seen >= max_images:
-                    break
-    finally:
-        for h in handles:
+    def __enter__(self) -> "SensitivityMeter":
+        self._was_training = self.model.training
+        self.model.eval()
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers.items()]
+        # only the gradients of layer outputs are needed: the parameters' (a weight gradient per layer, a third of the
+        # backward pass) are not computed
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self._trainable:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
             h.remove()
-        for p in trainable:
+        for p in self._trainable:
             p.requires_grad_(True)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("the calibration data yielded no images for the sensitivity pass")
-    return {name: Sensitivity.measured(s / seen, pooled[name] / seen, positions.get(name, 1)) for name, s in sums.items()}
+        self._handles, self._trainable = [], []
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(self._was_training)
+
+    def step(self, x: Tensor) -> None:
+        """Forward and backward on the images ``x`` (on the model's device): one sampled label per image, seeded."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # so that the output hooks fire with the parameters frozen
+            log_p = torch.log_softmax(self.model(x).double(), dim=1)
+            sampled = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=self.gen).to(log_p.device)
+            self.model.zero_grad(set_to_none=True)
+            log_p.gather(1, sampled).sum().backward()
+        self.images += x.shape[0]
+
+    def result(self) -> dict[str, Sensitivity]:
+        if self.images == 0:
+            raise ValueError("the calibration data yielded no images for the sensitivity pass")
+        return {name: Sensitivity.measured(s / self.images, self.pooled[name] / self.images,
+                                           self.positions.get(name, 1)) for name, s in self.sums.items()}

@@ -611,44 +611,78 @@ def collect_stats(
     each conv's output positions (at least ``PositionSampler.MIN_POSITIONS``), drawn at random with ``seed``
     (``PositionSampler``: unbiased, for calibration sets so large that all positions are not worth their cost;
     under torchrun each rank draws from its own seed, so the result is not the single-process one)."""
-    if uncalled not in ("raise", "skip"):
-        raise DatdError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
-    if precision not in ("float32", "float64"):
-        raise DatdError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    chosen = select_layers(model, layers)
-    if not chosen:
-        raise DatdError("no Conv2d or Linear layer selected")
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    compute = torch.float32 if precision == "float32" else torch.float64
-    sampler = None
-    if positions != 1:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        sampler = PositionSampler(positions, seed + 7919 * rank, device)
-        description = f"{description}; {positions:g} of each conv's positions drawn (seed {seed})".lstrip("; ")
-    accumulators = {name: _Accumulator(name, module, device, compute, sampler) for name, module in chosen.items()}
-    handles = [m.register_forward_pre_hook(accumulators[n]) for n, m in chosen.items()]
-    num_images = 0
-    try:
+    check_uncalled(uncalled)
+    with StatsCollector(model, layers, device=device, description=description, precision=precision,
+                        positions=positions, seed=seed) as collector:
         total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
         for batch in tqdm(batches, total=total, desc="statistics", unit="batch", disable=not progress, leave=False):
-            x = batch_inputs(batch).to(device)
-            model(x)
-            num_images += x.shape[0]
-    finally:
-        for h in handles:
+            x = batch_inputs(batch).to(collector.device)
+            with torch.no_grad():
+                model(x)
+            collector.counted(x.shape[0])
+    return collector.result(uncalled)
+
+
+def check_uncalled(uncalled: str) -> None:
+    if uncalled not in ("raise", "skip"):
+        raise DatdError(f"uncalled must be 'raise' or 'skip', got {uncalled!r}")
+
+
+class StatsCollector:
+    """``collect_stats`` for a caller that runs the forward passes itself (``datd.calibration``: the statistics
+    and the sensitivities in one pass): within ``with``, every forward pass of ``model`` adds its inputs to the
+    sums (in eval mode); ``counted(n)`` after each batch of n images, ``result()`` after the last."""
+
+    def __init__(self, model: nn.Module, layers: Iterable[str] | LayerFilter | None = None, *,
+                 device: str | torch.device | None = None, description: str = "", precision: str = "float32",
+                 positions: float = 1.0, seed: int = 0):
+        if precision not in ("float32", "float64"):
+            raise DatdError(f"precision must be 'float32' or 'float64', got {precision!r}")
+        self.model, self.chosen = model, select_layers(model, layers)
+        if not self.chosen:
+            raise DatdError("no Conv2d or Linear layer selected")
+        self.device = torch.device(device if device is not None else next(model.parameters()).device)
+        compute = torch.float32 if precision == "float32" else torch.float64
+        sampler = None
+        if positions != 1:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            sampler = PositionSampler(positions, seed + 7919 * rank, self.device)
+            description = f"{description}; {positions:g} of each conv's positions drawn (seed {seed})".lstrip("; ")
+        self.description = description
+        self.accumulators = {name: _Accumulator(name, module, self.device, compute, sampler)
+                             for name, module in self.chosen.items()}
+        self.num_images = 0
+        self._handles: list = []
+        self._was_training = model.training
+
+    def __enter__(self) -> "StatsCollector":
+        self._was_training = self.model.training
+        self.model.eval()
+        self._handles = [m.register_forward_pre_hook(self.accumulators[n]) for n, m in self.chosen.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
             h.remove()
-        model.train(was_training)
-    if num_images == 0:
-        raise DatdError("the calibration data yielded no batches")
-    if dist.is_available() and dist.is_initialized():
-        total_images = torch.tensor([float(num_images)], dtype=torch.float64, device=device)
-        dist.all_reduce(total_images)
-        num_images = int(total_images.item())
-        for acc in accumulators.values():
-            acc.all_reduce()
-    return Statistics({n: a.result() for n, a in accumulators.items() if a.count or uncalled == "raise"}, num_images,
-                      description)
+        self._handles = []
+        self.model.train(self._was_training)
+
+    def counted(self, images: int) -> None:
+        """Count the images of the forward pass just run."""
+        self.num_images += images
+
+    def result(self, uncalled: str = "raise") -> Statistics:
+        """The statistics (all-reduced over the ranks under torch.distributed). A layer never called raises a
+        DatdError naming it (``uncalled='raise'``) or is left out (``'skip'``)."""
+        check_uncalled(uncalled)
+        num_images = self.num_images
+        if num_images == 0:
+            raise DatdError("the calibration data yielded no batches")
+        if dist.is_available() and dist.is_initialized():
+            total_images = torch.tensor([float(num_images)], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total_images)
+            num_images = int(total_images.item())
+            for acc in self.accumulators.values():
+                acc.all_reduce()
+        return Statistics({n: a.result() for n, a in self.accumulators.items() if a.count or uncalled == "raise"},
+                          num_images, self.description)
