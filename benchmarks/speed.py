@@ -26,7 +26,10 @@ import datd
 import datd.stats as stats_module
 from _common import env_lines, environment, read_results, update_section, write_results
 from datd.data import calibration_loader, data_root
+from datd.calibration import statistics_and_sensitivity
 from datd.models import load_model
+from datd.pipeline import CompressConfig
+from datd.sensitivity import output_sensitivity
 from datd.stats import batch_inputs
 
 IMAGENET = f"imagefolder:{data_root()}/imagenet-sample/val"
@@ -72,9 +75,30 @@ def _im2col_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
 
 
 DRAWN = "statistics (1/16 of positions)"
+TWO_PASSES = "statistics and sensitivity (two passes)"
+ONE_PASS = "statistics and sensitivity (one pass)"
 
 
-def run_statistics(repeats: int, cases: list[tuple]) -> list[dict]:
+def _two_passes(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """What ``compress`` ran before ``datd.calibration``: the statistics, then the sensitivities (its defaults)."""
+    datd.collect_stats(model, batches, progress=False)
+    output_sensitivity(model, batches, dict(_layers(model)), max_images=CompressConfig.sensitivity_images,
+                       progress=False)
+
+
+def _one_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    layers = dict(_layers(model))
+    statistics_and_sensitivity(model, batches, list(layers), layers,
+                               sensitivity_images=CompressConfig.sensitivity_images, progress=False)
+
+
+def _layers(model: torch.nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def run_statistics(repeats: int, cases: list[tuple], with_sensitivity: bool = False) -> list[dict]:
+    """``with_sensitivity``: also time the statistics and the sensitivities of ``compress`` in two passes and in
+    the one pass of ``datd.calibration``."""
     rows = []
     for model_name, weights, data, images, batch in cases:
         loaded, batches = _batches(model_name, weights, data, images, batch)
@@ -83,6 +107,8 @@ def run_statistics(repeats: int, cases: list[tuple]) -> list[dict]:
                 "statistics": lambda: datd.collect_stats(model, batches, progress=False),
                 "statistics (im2col)": lambda: _im2col_stats(model, batches),
                 DRAWN: lambda: datd.collect_stats(model, batches, progress=False, positions=1 / 16)}
+        if with_sensitivity:
+            runs.update({TWO_PASSES: lambda: _two_passes(model, batches), ONE_PASS: lambda: _one_pass(model, batches)})
         datd.collect_stats(model, batches[:1], progress=False)  # warm up: kernels for every shape
         _forward(model, batches[:1])
         times: dict[str, list[float]] = {k: [] for k in runs}
@@ -99,7 +125,9 @@ def run_statistics(repeats: int, cases: list[tuple]) -> list[dict]:
                      "ratio_drawn": median[DRAWN] / median["forward"]})
         print(f"statistics {model_name}: forward {median['forward']:.2f}s, statistics {median['statistics']:.2f}s "
               f"({rows[-1]['ratio']:.2f}x), im2col {median['statistics (im2col)']:.2f}s "
-              f"({rows[-1]['ratio_im2col']:.2f}x)", flush=True)
+              f"({rows[-1]['ratio_im2col']:.2f}x)" + (f", with sensitivity: two passes {median[TWO_PASSES]:.2f}s, one "
+                                                     f"pass {median[ONE_PASS]:.2f}s" if with_sensitivity else ""),
+              flush=True)
     return rows
 
 
@@ -168,16 +196,21 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
              "kept as a fallback and timed here for reference. *1/16 drawn*: `positions=1/16` (each image's "
              "positions drawn at random where that is cheaper than the exact statistics: an estimate, not the same "
              "Σ; its effect on accuracy is in the accuracy section). Goals (issue 10): ≤ 2.5× on ResNet-18 at 224, "
-             "≤ 3× on the CIFAR ResNets. " + COMPARE_WITHIN_RUN, "",
+             "≤ 3× on the CIFAR ResNets. *with sensitivity*: what `compress` runs before planning, the statistics "
+             "and the sensitivities (forward and backward over the first 512 images), in two passes as before "
+             "2026-12-07 and in the one pass of `datd.calibration` (`--with-sensitivity`), in seconds. "
+             + COMPARE_WITHIN_RUN, "",
              "| model | run | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio | "
-             "1/16 drawn s | 1/16 drawn ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "1/16 drawn s | 1/16 drawn ratio | with sensitivity: two passes / one pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median"]
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} × {'×'.join(map(str, r['input']))} | "
                      f"{r['batch']} | {m['forward']:.2f} | {m['statistics']:.2f} | **{r['ratio']:.2f}×** | "
                      f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× | "
-                     + (f"{m[DRAWN]:.2f} | {r['ratio_drawn']:.2f}× |" if DRAWN in m else "— | — |"))
+                     + (f"{m[DRAWN]:.2f} | {r['ratio_drawn']:.2f}× |" if DRAWN in m else "— | — |")
+                     + (f" {m[TWO_PASSES]:.2f} / {m[ONE_PASS]:.2f} ({m[ONE_PASS] / m[TWO_PASSES]:.2f}×) |"
+                        if ONE_PASS in m else " — |"))
     return "\n".join(lines + [""] + _provenance(rows, env))
 
 
@@ -187,6 +220,14 @@ def _one_worker(row: dict) -> str:
     t = row["one_worker_timings"]
     parts = " / ".join(f"{t[k]:.0f}" if k in t else "—" for k in ("planning", "damage probes", "fitting"))
     return f"{parts}, {row['one_worker_seconds']:.0f} ({row['one_worker_seconds'] / row['compress_seconds']:.2f}×)"
+
+
+def _stage(timings: dict[str, float], stage: str) -> str:
+    if stage in timings:
+        return f"{timings[stage]:.0f}"
+    if "statistics and sensitivity" in timings and stage in ("statistics", "sensitivity"):  # one pass for both
+        return f"{timings['statistics and sensitivity']:.0f} (with sensitivity)" if stage == "statistics" else "(one pass)"
+    return "—"
 
 
 def compress_markdown(rows: list[dict], env: dict) -> str:
@@ -200,12 +241,15 @@ def compress_markdown(rows: list[dict], env: dict) -> str:
              "side by side in one worker process per torch thread (`fit_workers`, `datd.workers`); *1 worker*: the "
              "same compress with every fit in the calling process (`fit_workers=1`, as before 2026-12-06 22:45), "
              "timed in the same run where given (`--compare-workers`): its planning / probes / fitting seconds, its "
-             "total and its ratio to the default's. " + COMPARE_WITHIN_RUN, "",
+             "total and its ratio to the default's. *statistics (with sensitivity)*: from 2026-12-07 on the statistics "
+             "and the sensitivities come from one pass over the calibration images (`datd.calibration`: the "
+             "sensitivity pass's forward serves the statistics too); rows before it ran the two apart. "
+             + COMPARE_WITHIN_RUN, "",
              "| model | run | images | target | forward s | " + " | ".join(stages) + " | compress s | × forward | "
              "params | MACs | 1 worker: planning / probes / fitting, compress s (× default) |",
              "|---|---|---|---|---|" + "---|" * len(stages) + "---|---|---|---|---|"]
     for r in rows:
-        cells = " | ".join(f"{r['timings'][s]:.0f}" if s in r['timings'] else "—" for s in stages)
+        cells = " | ".join(_stage(r["timings"], s) for s in stages)
         pair = r.get("forward_before_after")
         drift = f" ({pair[0]:.1f} / {pair[1]:.1f})" if pair and max(pair) > 1.1 * min(pair) else ""
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} | {r['target']} | "
@@ -223,6 +267,8 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated subset of the cases' models")
     parser.add_argument("--compare-workers", action="store_true",
                         help="compress: also time fit_workers=1 (the fits in-process) in the same run")
+    parser.add_argument("--with-sensitivity", action="store_true",
+                        help="statistics: also time the statistics and sensitivities in two passes and in one")
     args = parser.parse_args()
     torch.manual_seed(0)
     allocator = datd.tune_allocator()  # one allocator regime for every timing (glibc otherwise page-faults activations)
@@ -243,7 +289,8 @@ def main() -> None:
         return sorted(keep.values(), key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
 
     if "statistics" in sections:
-        rows = merged("speed_statistics", stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])])))
+        rows = merged("speed_statistics", stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])],
+                                                               args.with_sensitivity)))
         write_results("speed_statistics", rows)
         update_section("speed_statistics", statistics_markdown(rows, env))
     if "compress" in sections:
