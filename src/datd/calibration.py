@@ -51,8 +51,8 @@ def statistics_and_sensitivity(
             graded = min(x.shape[0], sensitivity_images - meter.images)
             if graded > 0:
                 meter.step(x[:graded])
-            if graded < x.shape[0]:
+            if graded < x.shape[0]:  # graded ≥ 0: the meter never takes more than sensitivity_images
                 with torch.no_grad():
-                    model(x[max(graded, 0):])
+                    model(x[graded:])
             collector.counted(x.shape[0])
     return collector.result(uncalled), meter.result()

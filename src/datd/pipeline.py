@@ -342,17 +342,17 @@ def compress(
     measured: dict[str, Sensitivity] | None = None  # sensitivities, when measured in the statistics' pass
     if stats is None:
         stats = checkpoint.statistics() if checkpoint is not None else None
-        if stats is None and stats_batches is None and config.ranks == "auto" and config.sensitivity:
-            # one pass for both (``datd.calibration``): the sensitivity images' forward pass serves the statistics too
-            stats, measured = statistics_and_sensitivity(
-                original, calib, wanted, {n: candidates[n] for n in wanted},
-                sensitivity_images=config.sensitivity_images, device=device, uncalled="skip",
-                positions=config.positions, seed=config.seed, progress=progress)
-            if checkpoint is not None:
-                checkpoint.save_statistics(stats)
-        elif stats is None:
-            stats = collect_stats(original, calib if stats_batches is None else stats_batches, wanted, device=device,
-                                  progress=progress, uncalled="skip", positions=config.positions, seed=config.seed)
+        if stats is None:
+            if stats_batches is None and config.ranks == "auto" and config.sensitivity:
+                # one pass for both (``datd.calibration``): the sensitivity images' forward serves the statistics too
+                stats, measured = statistics_and_sensitivity(
+                    original, calib, wanted, {n: candidates[n] for n in wanted},
+                    sensitivity_images=config.sensitivity_images, device=device, uncalled="skip",
+                    positions=config.positions, seed=config.seed, progress=progress)
+            else:
+                stats = collect_stats(original, calib if stats_batches is None else stats_batches, wanted,
+                                      device=device, progress=progress, uncalled="skip", positions=config.positions,
+                                      seed=config.seed)
             if checkpoint is not None:
                 checkpoint.save_statistics(stats)
         check_calibration_size(stats.num_images)
@@ -367,8 +367,8 @@ def compress(
                           "regularization; more calibration images give better fits", stacklevel=2)
     else:
         stats.check(original, required=wanted)
-    # one stage where the sensitivities came with the statistics (``datd.calibration``)
-    timings["statistics" if measured is None else "statistics and sensitivity"] = time.perf_counter() - tick
+    one_pass = measured is not None  # one stage where the sensitivities came with the statistics
+    timings["statistics and sensitivity" if one_pass else "statistics"] = time.perf_counter() - tick
 
     if fit_cache is not None:
         if stats is None or fit_cache.setdefault("statistics", stats) is not stats:
@@ -401,7 +401,7 @@ def compress(
             )
         for name, layer in layers.items():
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
-    if "statistics and sensitivity" not in timings:
+    if not one_pass:
         timings["sensitivity"] = time.perf_counter() - tick
 
     planned = checkpoint.planning() if checkpoint is not None and target.metric != "latency" else None

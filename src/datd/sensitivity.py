@@ -76,6 +76,7 @@ def output_sensitivity(
 ) -> dict[str, Sensitivity]:
     """Per-output-channel Fisher sensitivities (``Sensitivity``) for each of ``layers`` (name -> module of
     ``model``), from up to ``max_images`` calibration images."""
+    device = device if device is not None else next(model.parameters()).device
     with SensitivityMeter(model, layers, seed=seed) as meter:
         for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress, leave=False):
             x = batch_inputs(batch)
@@ -83,7 +84,7 @@ def output_sensitivity(
                 x = x[: max_images - meter.images]
             if x.shape[0] == 0:
                 break
-            meter.step(x.to(device if device is not None else next(model.parameters()).device))
+            meter.step(x.to(device))
             if max_images is not None and meter.images >= max_images:
                 break
     return meter.result()
