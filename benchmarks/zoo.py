@@ -136,12 +136,25 @@ def markdown(rows: list[dict], env: dict) -> str:
     if not runs:
         out += ["", "The compress columns (achieved ratios, seconds) have not been run yet; every model of "
                 "tests/test_zoo.py reaches params=0.5, reloads identically and exports to ONNX in CI."]
+    else:
+        missing = [n for n in [*TORCHVISION, "alexnet", *TIMM]
+                   if any((n, t) not in runs for t in ("params=0.5", "macs=0.5"))]
+        if missing:
+            out += ["", f"Compress runs still missing (a stopped run; `python benchmarks/zoo.py` resumes it): "
+                    f"{', '.join(missing)}. Every model of tests/test_zoo.py reaches params=0.5, reloads identically "
+                    "and exports to ONNX in CI."]
     low = [n for n, r in cov.items() if r["macs_compressible"] < 0.9]
     out += ["", "Below 90% of MACs compressible: " + (", ".join(
         f"{n} ({100 * cov[n]['macs_compressible']:.1f}%; depthwise {100 * cov[n]['macs_depthwise']:.1f}%)" for n in low)
         or "none") + ". The rest of their MACs sit in depthwise convolutions outside prunable chains and in layers "
         "under `min_params` (1000 weights) that no chain reaches (stems whose output also feeds a residual, "
-        "squeeze-excitation gates).", "", env_lines(env)]
+        "squeeze-excitation gates).", ""]
+    # each kind of row with the environment it was measured in (coverage and compress runs come from separate runs)
+    for kind in ("coverage", "compress"):
+        measured = [r for r in rows if r["kind"] == kind]
+        if measured:
+            latest = max(measured, key=lambda r: r["date"])
+            out.append(f"{kind.capitalize()} rows ({len(measured)}): " + env_lines(latest))
     return "\n".join(out) + "\n"
 
 
