@@ -191,6 +191,10 @@ def _budgets(scale: str) -> dict:
 @click.option("--shrinkage", default=DEFAULTS.shrinkage, show_default=True,
               help="trust in each layer's Σ: cv (shrinkage towards the identity chosen per layer by two-fold "
                    "cross-validation over the calibration images) or a fixed α in [0, 1] (0: the sample Σ)")
+@click.option("--batchnorm-check/--no-batchnorm-check", default=DEFAULTS.batchnorm_check, show_default=True,
+              help="with --shrinkage cv: raise a layer's shrinkage to what the BatchNorm after it asks for (its "
+                   "running variances against those the layer's Σ predicts), against calibration images unlike the "
+                   "training data (blurred, upscaled, another domain)")
 @click.option("--prune/--no-prune", default=DEFAULTS.prune, show_default=True,
               help="with --method auto, offer channel pruning among the options (--no-prune: factorizations only, "
                    "every layer keeps its channel counts; safer with statistics from another data set)")
@@ -219,15 +223,16 @@ def _budgets(scale: str) -> dict:
                    "the result is the one the uninterrupted run would have given")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, prune, propagate,
-                     propagate_residual, propagate_images, fit_budget, fit_workers, positions, overwrite, resume,
-                     **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, batchnorm_check, prune,
+                     propagate, propagate_residual, propagate_images, fit_budget, fit_workers, positions, overwrite,
+                     resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
                             measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
-                            prune=prune, propagate=propagate, propagate_residual=propagate_residual,
+                            batchnorm_check=batchnorm_check, prune=prune, propagate=propagate,
+                            propagate_residual=propagate_residual,
                             propagate_images=propagate_images, positions=positions, fit_workers=fit_workers,
                             **_budgets(fit_budget))
     loaded = _load(model_name, weights, **preprocessing)

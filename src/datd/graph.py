@@ -43,6 +43,29 @@ class Sink:
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
+def conv_batchnorms(model: nn.Module, graph: fx.Graph | None = None) -> list[tuple[str, str]]:
+    """(conv, batchnorm) names of every BatchNorm2d with running statistics whose input is a Conv2d's output and
+    nothing else reads that output, both called once per forward pass: BN ∘ conv is one conv (``fold_batchnorms``),
+    and the BatchNorm's running statistics describe the conv's outputs on the data the model was trained on
+    (``datd.shrinkage``). ``graph``: ``model`` traced by torch.fx (traced here if not given; what tracing raises
+    is raised)."""
+    graph = fx.symbolic_trace(model).graph if graph is None else graph
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            continue
+        bn = modules[node.target]
+        if (isinstance(modules.get(source.target), nn.Conv2d) and calls[source.target] == 1
+                and calls[node.target] == 1 and bn.track_running_stats and bn.running_mean is not None):
+            pairs.append((str(source.target), str(node.target)))
+    return pairs
+
+
 def _is_add(node: fx.Node) -> bool:
     """A plain binary sum of two graph values (no ``alpha``, no ``out``)."""
     plain = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method"

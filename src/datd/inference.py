@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
+from .graph import conv_batchnorms
 from .layers import FACTORIZED_TYPES, CPConv2d, LowRankConv2d, LowRankLinear, Tucker2Conv2d
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -44,24 +45,13 @@ def fold_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
     if model.training:
         raise ValueError("BatchNorm folding needs a model in eval mode (it uses the running statistics)")
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        pairs = conv_batchnorms(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means: leave the BatchNorms alone
         warnings.warn(f"BatchNorm layers are not folded: the model cannot be traced with torch.fx ({exc})", stacklevel=2)
         return []
     modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module" or len(source.users) != 1:
-            continue
-        conv, bn = modules.get(source.target), modules[node.target]
-        if (isinstance(conv, nn.Conv2d) and calls[source.target] == 1 and calls[node.target] == 1
-                and bn.track_running_stats and bn.running_mean is not None):
-            _fold(conv, bn)
-            pairs.append((source.target, node.target))
+    for conv_name, bn_name in pairs:
+        _fold(modules[conv_name], modules[bn_name])
     for _, bn_name in pairs:
         _replace(model, bn_name, nn.Identity())
     return pairs

@@ -57,6 +57,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {layer['name']} | {shape} | — | — | — | {params} | {macs} | — | {layer['skipped']} |")
         else:
             notes = [f"Σ shrunk by α = {layer['shrinkage']:g}"] if layer.get("shrinkage") else []
+            if layer.get("shrinkage") and layer.get("shrinkage_batchnorm") == layer["shrinkage"]:
+                notes[-1] += " (the BatchNorm check)"
             notes += ["propagated fit"] if layer.get("propagated") else []
             pruned = layer.get("pruned")
             if pruned:
