@@ -151,5 +151,9 @@ def test_compress_resists_blurred_calibration_images_through_the_batchnorm_check
     with pytest.warns(UserWarning, match="BatchNorm statistics"):
         compressed, report = datd.compress(loaded.model, calib, **common)
     assert accuracy(compressed, test, progress=False) >= 0.90
-    checked = [l for l in report["layers"] if l.get("shrinkage_batchnorm") is not None]
-    assert len(checked) >= 15 and sorted(l["shrinkage_batchnorm"] for l in checked)[len(checked) // 2] >= 0.3
+    # every compressed conv of this network has a BatchNorm behind it, and the check read each one
+    convs = [l for l in report["layers"] if "method" in l and l["name"] != "fc"]
+    values = [l["shrinkage_batchnorm"] for l in convs]
+    assert convs and None not in values
+    assert sorted(values)[len(values) // 2] >= 0.3
+    assert all(l["shrinkage"] >= l["shrinkage_batchnorm"] for l in convs)

@@ -24,8 +24,9 @@ in every layer. A BatchNorm after the layer holds an independent witness: its ru
 the variance of each output channel c on the training data. The shrunk covariance predicts them up to one common
 scale (augmentation, contrast), p_c(α) = w_cᵀ C_α w_c, and the **BatchNorm check** (``batchnorm_alpha``) takes the
 least α that brings the spread of log(p_c(α) / v_c) over the channels near its least (``BATCHNORM_TOLERANCE``):
-on in-domain images α ≈ 0 (the profile is already right), on blurred ones α ≈ 0.6–1 (the shrinkage restores the
-energy of the filters that respond to what the images lack). ``layer_alpha`` takes the larger of the two α.
+on in-domain images α = 0 in nearly every layer (CIFAR ResNet-20: all 19; ResNet-56: 49 of 55, the other six
+0.6–0.9), on blurred ones mostly 0.45–1 (the shrinkage restores the energy of the filters that respond to what the
+images lack). ``layer_alpha`` takes the larger of the two α.
 """
 
 from __future__ import annotations
