@@ -214,3 +214,21 @@ def test_bad_input_is_refused_clearly(call, message):
     w = torch.randn(8, 8, 3, 3)
     with pytest.raises(ValueError, match=message):
         call(w)
+
+
+def test_cholesky_jittered_is_plain_cholesky_where_that_works_and_rescues_round_off():
+    from datd.decompose._linalg import cholesky_jittered
+
+    torch.manual_seed(7)
+    a = torch.randn(40, 40, dtype=torch.float64)
+    spd = a @ a.T + torch.eye(40, dtype=torch.float64)
+    assert torch.equal(cholesky_jittered(spd), torch.linalg.cholesky(spd))  # bit for bit
+    # rank 5 in 40 dimensions, scaled so that round-off makes it indefinite (the Tucker-2 core step's Qᵀ Σ Q on
+    # DenseNet-121 with 8 calibration images failed this way)
+    b = torch.randn(40, 5, dtype=torch.float64) * 1e3
+    singular = b @ b.T
+    assert int(torch.linalg.cholesky_ex(singular).info) != 0
+    chol = cholesky_jittered(singular)
+    assert torch.allclose(chol @ chol.T, singular, rtol=0, atol=1e-6 * float(singular.diagonal().mean()))
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky_jittered(torch.full((3, 3), float("nan"), dtype=torch.float64))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._linalg import (
-    DTYPE, InputFactorSolver, as_matrix, expanded_relative_error, orthonormal_columns, prepare_sigma, relative_error,
+    DTYPE, InputFactorSolver, as_matrix, cholesky_jittered, expanded_relative_error, orthonormal_columns, prepare_sigma, relative_error,
     sigma_matmul, top_eigh,
 )
 from .base import Decomposition, check_start, converged
@@ -91,7 +91,7 @@ def tucker2(
         else:
             sq = (sigma_by_pos @ u_s).reshape(n_in, -1)  # Σ Q: [s, (q, p, b)] for rows x = (s, q)
             gram = (u_s.T @ sq).reshape(r_in, n_pos, n_pos, r_in).transpose(2, 3)  # Qᵀ Σ Q: [a, q, b, p]
-            chol = torch.linalg.cholesky(gram.reshape(r_in * n_pos, r_in * n_pos))
+            chol = cholesky_jittered(gram.reshape(r_in * n_pos, r_in * n_pos))
         z = torch.linalg.solve_triangular(chol, c.T, upper=False).T
         _, u_t = top_eigh(z @ z.T, r_out)
         g = torch.linalg.solve_triangular(chol.T, (u_t.T @ z).T, upper=True).T
