@@ -127,7 +127,9 @@ def markdown(rows: list[dict], env: dict) -> str:
         for target in ("params=0.5", "macs=0.5"):
             run = runs.get((name, target))
             metric = target.split("=")[0]
-            cells.append("—" if run is None else run.get("error") or f"{run[metric + '_ratio']:.3f} ({run['seconds']:.0f})")
+            suspect = run is not None and "error" not in run and run[metric + "_ratio"] < 0.8 * float(target.split("=")[1])
+            cells.append("—" if run is None else run.get("error") or f"{run[metric + '_ratio']:.3f} ({run['seconds']:.0f})"
+                         + (" **far below the target: a suspected bug, not investigated yet**" if suspect else ""))
         split = (f"{100 * r['macs_factorizable']:.1f}% | {100 * r['macs_prunable']:.1f}%" if "macs_prunable" in r
                  else "— | —")
         out.append(f"| {name} | {r['params'] / 1e6:.1f} | {r['macs'] / 1e9:.2f} | {100 * r['params_compressible']:.1f}% | "
