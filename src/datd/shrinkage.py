@@ -140,9 +140,12 @@ def batchnorm_alpha(stats: "LayerStats", weight: Tensor, running_var: Tensor,
     groups = sigma.shape[0]
     w = weight.detach().double().cpu().reshape(groups, weight.shape[0] // groups, -1)  # (G, T/G, D/G)
     covariance = sigma - mean[..., :, None] * mean[..., None, :]
+    # p_c(α) = (1 − α) w_cᵀ C w_c + α (tr C / D) ‖w_c‖² (``shrink`` is linear in α): one product for the whole grid
+    sample = ((w @ covariance) * w).sum(dim=-1)  # (G, T/G)
+    isotropic = covariance.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[:, None] * (w * w).sum(dim=-1)
     spreads = {}
     for alpha in alphas:
-        predicted = ((w @ shrink(covariance, alpha)) * w).sum(dim=-1).reshape(-1)  # (T,) in channel order
+        predicted = ((1 - alpha) * sample + alpha * isotropic).reshape(-1)  # (T,) in channel order
         live = (recorded > 1e-12 * float(recorded.max())) & (predicted > 0)
         if int(live.sum()) < 2:
             return None

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ._linalg import (
-    DTYPE, InputFactorSolver, as_matrix, cholesky_jittered, expanded_relative_error, orthonormal_columns, prepare_sigma, relative_error,
-    sigma_matmul, top_eigh,
+    DTYPE, InputFactorSolver, as_matrix, cholesky_jittered, expanded_relative_error, orthonormal_columns, prepare_sigma,
+    relative_error, sigma_matmul, top_eigh,
 )
 from .base import Decomposition, check_start, converged
 from .svd import DEFAULT_SIGMA_REG
