@@ -1,5 +1,7 @@
 """compress(): budgets, methods, plans, bias correction, save/load, bad input (small models, fast)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from datd.channels import MARK
 from datd.evaluate import count_params
 from datd.inference import MEMORY_FORMATS, form_names
 from datd.layers import FACTORIZED_TYPES
+from datd.report import markdown
 
 
 class SmallNet(nn.Module):
@@ -388,3 +391,20 @@ def test_pruning_is_kept_only_where_the_whole_plan_measures_better(setup, target
         assert check["kl_with"] >= 0 and check["kl_without"] >= 0 and check["images"] == 64
         assert check["kept"] == (check["kl_with"] <= check["kl_without"])
     assert bool(pruned) == check["kept"]
+
+
+def test_saturated_predictions_fall_back_to_relative_errors_and_still_fill_the_budget(setup):
+    """Logits of 1e9 make every softmax one-hot, so every Fisher sensitivity and every probed KL is exactly 0; the plan
+    must not then take the cheapest option of every layer (a random-weight Inception v3 reached params 0.008 at
+    params=0.5): it weighs relative output errors instead, meets the budget closely and says so."""
+    model, calib, _ = setup
+    saturated = copy.deepcopy(model)
+    with torch.no_grad():
+        saturated.head.weight.mul_(1e9)
+    with pytest.warns(UserWarning, match="sensitivities are all zero"):
+        _, report = datd.compress(saturated, calib, target="params=0.5", method="svd", **FAST)
+    assert report["sensitivity"].startswith("relative output error")
+    assert "damage weighed by: relative output error" in markdown(report)
+    assert 0.4 <= report["params_ratio"] <= 0.5
+    _, normal = datd.compress(model, calib, target="params=0.5", method="svd", **FAST)
+    assert "sensitivity" not in normal and 0.4 <= normal["params_ratio"] <= 0.5

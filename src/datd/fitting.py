@@ -229,13 +229,19 @@ def relative_output_error(problem: LayerProblem, approx: Tensor, bias_correction
     return _relative(problem, approx, lambda p: p.error_moment(bias_correction))
 
 
+def output_energy(problem: LayerProblem) -> float:
+    """E‖W x‖² per position = Σ_groups tr(W Σ Wᵀ): the scale of the layer's output (bias excluded)."""
+    one = torch.ones((), dtype=torch.float64)
+    return sum(float(_quadratic(p, torch.zeros_like(p.matrix), one, p.sigma).sum())
+               for p in (problem.group(g) for g in range(problem.groups)))
+
+
 def _relative(problem: LayerProblem, approx: Tensor, moment: Callable[[LayerProblem], Tensor]) -> float:
     """sqrt(Σ_groups tr(E M Eᵀ) / Σ_groups tr(W Σ Wᵀ)) with E = W − W̃ and M = ``moment(group problem)``."""
     one = torch.ones((), dtype=torch.float64)
     parts = [(problem.group(g), a) for g, a in enumerate(problem.split(approx))]
     error = sum(float(_quadratic(p, a, one, moment(p)).sum()) for p, a in parts)
-    total = sum(float(_quadratic(p, torch.zeros_like(p.weight), one, p.sigma).sum()) for p, _ in parts)
-    return (error / total) ** 0.5
+    return (error / output_energy(problem)) ** 0.5
 
 
 def svd_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings: FitSettings) -> Tensor:

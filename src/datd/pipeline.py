@@ -36,8 +36,8 @@ from .decompose import DEFAULT_SIGMA_REG, Decomposition, Pruned
 from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
-    NORMS, FitSettings, LayerProblem, damage, fit, fit_macs, prune_damage_curve, relative_output_error,
-    relative_sigma_error, svd_damage_curve, sweeps,
+    NORMS, FitSettings, LayerProblem, damage, fit, fit_macs, output_energy, prune_damage_curve,
+    relative_output_error, relative_sigma_error, svd_damage_curve, sweeps,
 )
 from .graph import conv_batchnorms
 from .inference import MEMORY_FORMATS, for_inference
@@ -53,7 +53,7 @@ from .plan import (
 )
 from .probe import DamageProbe
 from .propagate import DEFAULT_RIDGE, BatchCache, PairedPasses, call_order, corrected_problem
-from .sensitivity import Sensitivity, output_sensitivity
+from .sensitivity import Sensitivity, output_sensitivity, uninformative
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
 from .stats import Statistics, batch_inputs, check_calibration_size, check_positions, collect_stats
 from .surgery import candidate_layers, replace_module, skip_reason
@@ -403,6 +403,7 @@ def compress(
     timings["shrinkage"] = time.perf_counter() - tick  # each layer's cross-validated α (``datd.shrinkage``)
 
     tick = time.perf_counter()
+    fallback: str | None = None  # what weighs the damage where the sensitivities say nothing
     if config.ranks == "auto" and config.sensitivity and layers:
         if measured is None:
             measured = output_sensitivity(
@@ -411,12 +412,16 @@ def compress(
             )
         for name, layer in layers.items():
             layer.sensitivity = measured[name].to(layer.problem.sigma.device)
+        if uninformative(measured):
+            _fall_back_to_relative_errors(layers)
+            fallback = "relative output error (the measured sensitivities were all zero)"
     if not one_pass:
         timings["sensitivity"] = time.perf_counter() - tick
 
     planned = checkpoint.planning() if checkpoint is not None and target.metric != "latency" else None
     probe, probed, curve, pruning = None, {}, None, None
-    if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers and planned is None:
+    if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers and planned is None \
+            and fallback is None:  # the probes measure the same KL that came out zero
         probe = DamageProbe(original, calib, config.probe_images, device=device)
 
     timing = None
@@ -503,6 +508,8 @@ def compress(
     after = Cost(count_params(compressed), count_macs(compressed, first[:1]))
     report = _report(config, candidates, stats, skipped, entries, before, after, timings, start, compressed)
     report["rank_multiple"] = multiple  # the granularity the plan's ranks were chosen in
+    if fallback is not None:
+        report["sensitivity"] = fallback
     if curve is not None:
         report["budget_curve"] = curve
     if pruning is not None:
@@ -701,13 +708,26 @@ def _batchnorms(model: nn.Module, config: CompressConfig) -> dict[str, nn.BatchN
 UNLIKE_TRAINING_ALPHA = 0.3
 
 
+def _fall_back_to_relative_errors(layers: dict[str, "_Layer"]) -> None:
+    """Weigh every layer's squared relative output error alike, where the Fisher sensitivities are all zero: without
+    it every option's predicted damage is 0 and the allocation takes the cheapest option of every layer, however far
+    below the budget (a random-weight Inception v3 on 96×96 images: params 0.008 at params=0.5)."""
+    warnings.warn("the model's predictions are certain on every sensitivity image (softmax probability 1, or "
+                  "non-finite outputs), so its sensitivities are all zero: the plan weighs each layer's relative output "
+                  "error alike and skips the damage probes. Random weights, or a model whose output is not a "
+                  "classifier's logits?", stacklevel=3)
+    for layer in layers.values():
+        layer.sensitivity = Sensitivity.relative(layer.problem.weight.shape[0], output_energy(layer.problem),
+                                                 layer.problem.sigma.device)
+
+
 def _warn_if_unlike_training(layers: dict[str, "_Layer"]) -> None:
     checked = sorted(layer.shrinkage.batchnorm for layer in layers.values() if layer.shrinkage.batchnorm is not None)
     if checked and checked[len(checked) // 2] >= UNLIKE_TRAINING_ALPHA:
         warnings.warn(f"the calibration images excite the layers unlike the data their BatchNorm statistics come from "
                       f"(median α of the BatchNorm check {checked[len(checked) // 2]:g} over {len(checked)} layers): "
                       "blurred, upscaled or out-of-domain images? Their Σ was shrunk towards the identity; calibrating "
-                      "on images like the training data gives better fits", stacklevel=4)
+                      "on images like the training data gives better fits", stacklevel=3)
 
 
 def _make_layer(name: str, module: nn.Module, stats: Statistics, config: CompressConfig, chain: Chain | None = None,

@@ -38,6 +38,7 @@ def markdown(report: dict) -> str:
         f"bias correction: `{cfg['bias_correction']}`, seed: {cfg['seed']}",
         f"- statistics: {report['statistics']['num_images']} images ({report['statistics']['description'] or 'no description'})",
         *_propagation_lines(report),
+        *([f"- damage weighed by: {report['sensitivity']}"] if report.get("sensitivity") else []),
         f"- top-1 accuracy: {_pct(report.get('accuracy_before'))} → {_pct(report.get('accuracy_after'))}",
         f"- parameters: {report['params_before']:,} → {report['params_after']:,} ({report['params_ratio']:.3f})",
         f"- MACs per image: {report['macs_before']:,} → {report['macs_after']:,} ({report['macs_ratio']:.3f})",

@@ -26,6 +26,7 @@ whose gradients are independent across positions has A_c ≈ f_c ≈ B_c, the ol
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -53,6 +54,14 @@ class Sensitivity:
         return cls(ones, ones, ones)
 
     @classmethod
+    def relative(cls, channels: int, energy: float, device: torch.device | str | None = None) -> "Sensitivity":
+        """All 1 / ``energy`` (the layer's E‖W x‖² per position): the damage becomes half the squared relative output
+        error, comparable across layers of any scale. The fallback where the Fisher carries no information
+        (``uninformative``)."""
+        return cls.uniform(channels, device) if energy <= 0 else cls(*(
+            torch.full((channels,), 1.0 / energy, dtype=torch.float64, device=device) for _ in range(3)))
+
+    @classmethod
     def measured(cls, total: Tensor, pooled: Tensor, positions: int) -> "Sensitivity":
         return cls(total, pooled, (total - pooled / positions).clamp_min(0))
 
@@ -62,6 +71,14 @@ class Sensitivity:
 
     def to(self, device: torch.device | str) -> "Sensitivity":
         return Sensitivity(self.total.to(device), self.pooled.to(device), self.spread.to(device))
+
+
+def uninformative(measured: dict[str, Sensitivity]) -> bool:
+    """True when the measured sensitivities cannot rank any layer's errors: all zero (the model's predictions are
+    certain on every sensitivity image, so log p(ŷ | x) has no gradient, as in a network with random weights whose
+    logits reach 1e8) or not finite."""
+    totals = [float(s.total.sum()) for s in measured.values()]
+    return bool(totals) and (not all(map(math.isfinite, totals)) or max(totals) <= 0.0)
 
 
 def output_sensitivity(
