@@ -106,6 +106,20 @@ def test_allocation_prefers_the_cheap_damage_and_refuses_the_impossible():
         allocate({"fragile": fragile, "robust": robust}, 99, "params")
 
 
+def test_options_that_tie_in_damage_take_what_the_budget_leaves():
+    """A layer whose every option is predicted harmless (sensitivity 0) is not compressed further than the budget
+    needs: the allocation still meets the budget, and ends near it rather than at the cheapest option everywhere."""
+    harmless = [Option("dense", (), Cost(1000, 0), 0.0)] + [Option("svd", (r,), Cost(100 * r, 0), 0.0) for r in (1, 4, 8)]
+    harmful = [Option("dense", (), Cost(1000, 0), 0.0)] + [Option("svd", (r,), Cost(100 * r, 0), 10.0 / r) for r in (1, 4, 8)]
+    for budget in (1000, 1300, 1700):
+        chosen = allocate({"harmless": harmless, "harmful": harmful}, budget, "params")
+        spent = sum(o.cost.params for o in chosen.values())
+        assert budget - 400 < spent <= budget  # within the largest gap between two of the harmless options
+        assert chosen["harmful"].damage == min(o.damage for o in harmful if o.cost.params <= budget - 100)
+    only = allocate({"harmless": harmless}, 500, "params")["harmless"]
+    assert only.ranks == (4,)
+
+
 def test_plan_json_roundtrip(tmp_path):
     g = geometry()
     plan = Plan({"a": Option("tucker2", (8, 4), factorized_cost("tucker2", g, (8, 4)))}, {"b": "too small"}, "params=0.5")

@@ -60,6 +60,8 @@ def test_zoo_compresses_reloads_and_exports(name: str, size: int, method: str, t
     compressed, report = datd.compress(model, [images[:4], images[4:]], target=target, method=method, **FAST)
     metric, fraction = target.split("=")
     assert report[f"{metric}_ratio"] <= float(fraction) + 1e-9
+    if method != "prune":  # nor far below it: all-zero predicted damages once left Inception v3 at params 0.008
+        assert report[f"{metric}_ratio"] >= 0.8 * float(fraction)
     assert any("method" in layer for layer in report["layers"])
     for layer in report["layers"]:
         if "skipped" in layer:

@@ -277,16 +277,27 @@ def _descend(options: dict[str, list[Option]], budget: int, metric: str) -> tupl
 def _spend_leftover(chosen: dict[str, Option], options: dict[str, list[Option]], left: int, metric: str,
                     allowed: Callable[[str, Option, dict[str, Option]], bool]) -> dict[str, Option]:
     """Upgrade layers (to any option, on the hull or not, that ``allowed`` given the others' choice) while the budget
-    allows, the largest damage reduction per unit of cost first."""
+    allows, the largest damage reduction per unit of cost first; then, where no upgrade reduces the predicted damage,
+    those that tie with the current choice, the largest that fits first.
+
+    Ties are layers whose every option is predicted harmless (sensitivities of exactly 0: a residual branch behind a
+    BatchNorm whose scale is 0, as timm initializes them). The hull keeps only their cheapest option; without the
+    second phase a plan could end far below its budget (timm's random-init ResNet-18-D: params 0.065 at
+    params=0.5), compressing what the user asked to keep for no predicted gain."""
     table = {name: [(metric_of(o.cost, metric), o.damage, o) for o in opts] for name, opts in options.items()}
     while True:
-        best, best_rate = None, 0.0
+        best, best_rate, tie = None, 0.0, None
         for name, current in chosen.items():
             cost = metric_of(current.cost, metric)
             for c, damage, o in table[name]:
                 extra, gain = c - cost, current.damage - damage
-                if extra <= left and gain > 0 and gain / max(extra, 1) > best_rate and allowed(name, o, chosen):
+                if extra > left or gain < 0 or not allowed(name, o, chosen):
+                    continue
+                if gain > 0 and gain / max(extra, 1) > best_rate:
                     best, best_rate = (name, o, extra), gain / max(extra, 1)
+                elif gain == 0 and extra > 0 and (tie is None or extra > tie[2]):
+                    tie = (name, o, extra)
+        best = best or tie
         if best is None:
             return chosen
         name, o, extra = best
