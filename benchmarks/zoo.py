@@ -156,7 +156,9 @@ def markdown(rows: list[dict], env: dict) -> str:
         measured = [r for r in rows if r["kind"] == kind]
         if measured:
             latest = max(measured, key=lambda r: r["date"])
-            out.append(f"{kind.capitalize()} rows ({len(measured)}): " + env_lines(latest))
+            commits = Counter(r["commit"] for r in measured)
+            out.append(f"{kind.capitalize()} rows ({len(measured)}; by commit: "
+                       + ", ".join(f"{c} ×{n}" for c, n in commits.items()) + "): " + env_lines(latest))
     return "\n".join(out) + "\n"
 
 
