@@ -58,8 +58,10 @@ class Sensitivity:
         """All 1 / ``energy`` (the layer's E‖W x‖² per position): the damage becomes half the squared relative output
         error, comparable across layers of any scale. The fallback where the Fisher carries no information
         (``uninformative``)."""
-        return cls.uniform(channels, device) if energy <= 0 else cls(*(
-            torch.full((channels,), 1.0 / energy, dtype=torch.float64, device=device) for _ in range(3)))
+        if energy <= 0:
+            return cls.uniform(channels, device)
+        weights = torch.full((channels,), 1.0 / energy, dtype=torch.float64, device=device)
+        return cls(weights, weights, weights)
 
     @classmethod
     def measured(cls, total: Tensor, pooled: Tensor, positions: int) -> "Sensitivity":

@@ -134,12 +134,11 @@ def batchnorm_alpha(stats: "LayerStats", weight: Tensor, running_var: Tensor,
     recorded = running_var.detach().double().cpu()
     if recorded.numel() < 2 or bool((recorded == recorded[0]).all()):
         return None
-    sigma, mean = stats.sigma.double().cpu(), stats.mean.double().cpu()
-    if sigma.dim() == 2:
-        sigma, mean = sigma[None], mean[None]
-    groups = sigma.shape[0]
+    covariance = stats.covariance().cpu()  # float64, as every LayerStats moment
+    if covariance.dim() == 2:
+        covariance = covariance[None]
+    groups = covariance.shape[0]
     w = weight.detach().double().cpu().reshape(groups, weight.shape[0] // groups, -1)  # (G, T/G, D/G)
-    covariance = sigma - mean[..., :, None] * mean[..., None, :]
     # p_c(α) = (1 − α) w_cᵀ C w_c + α (tr C / D) ‖w_c‖² (``shrink`` is linear in α): one product for the whole grid
     sample = ((w @ covariance) * w).sum(dim=-1)  # (G, T/G)
     isotropic = covariance.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[:, None] * (w * w).sum(dim=-1)
