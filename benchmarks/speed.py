@@ -11,14 +11,19 @@ section):
   one forward pass over the same calibration images timed in the same run: the ratio is compress / forward.
 - decompose: the textbook-ALS comparison of ``benchmarks/decompose.py`` (256 and 512 channels).
 
-    python benchmarks/speed.py [--sections statistics,compress,decompose] [--repeats 3] [--quick]
+    python benchmarks/speed.py [--sections statistics,compress,decompose] [--repeats 3] [--quick] [--baseline REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics as stat
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -74,7 +79,20 @@ def _im2col_stats(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
         stats_module.prefers_shifts = chosen
 
 
+def _baseline_stats(revision: str):
+    """``collect_stats`` of the library at git ``revision`` (its ``src/datd`` extracted as package ``datd_baseline``
+    into a temporary folder), to time against this tree's in the same run."""
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(tempfile.mkdtemp(prefix="datd-baseline-"))
+    archive = subprocess.run(["git", "archive", revision, "src/datd"], cwd=root, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    (folder / "src" / "datd").rename(folder / "datd_baseline")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("datd_baseline.stats").collect_stats
+
+
 DRAWN = "statistics (1/16 of positions)"
+BASELINE = "statistics (baseline)"
 TWO_PASSES = "statistics and sensitivity (two passes)"
 ONE_PASS = "statistics and sensitivity (one pass)"
 
@@ -96,10 +114,12 @@ def _layers(model: torch.nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
-def run_statistics(repeats: int, cases: list[tuple], with_sensitivity: bool = False) -> list[dict]:
+def run_statistics(repeats: int, cases: list[tuple], with_sensitivity: bool = False,
+                   baseline: str | None = None) -> list[dict]:
     """``with_sensitivity``: also time the statistics and the sensitivities of ``compress`` in two passes and in
-    the one pass of ``datd.calibration``."""
+    the one pass of ``datd.calibration``; ``baseline``: also time ``collect_stats`` as it was at that git revision."""
     rows = []
+    collect_baseline = _baseline_stats(baseline) if baseline else None
     for model_name, weights, data, images, batch in cases:
         loaded, batches = _batches(model_name, weights, data, images, batch)
         model = loaded.model.eval()
@@ -109,6 +129,8 @@ def run_statistics(repeats: int, cases: list[tuple], with_sensitivity: bool = Fa
                 DRAWN: lambda: datd.collect_stats(model, batches, progress=False, positions=1 / 16)}
         if with_sensitivity:
             runs.update({TWO_PASSES: lambda: _two_passes(model, batches), ONE_PASS: lambda: _one_pass(model, batches)})
+        if collect_baseline is not None:
+            runs[BASELINE] = lambda: collect_baseline(model, batches, progress=False)
         datd.collect_stats(model, batches[:1], progress=False)  # warm up: kernels for every shape
         _forward(model, batches[:1])
         times: dict[str, list[float]] = {k: [] for k in runs}
@@ -122,7 +144,8 @@ def run_statistics(repeats: int, cases: list[tuple], with_sensitivity: bool = Fa
                      "batch": batch, "input": list(batches[0].shape[1:]), "repeats": repeats, "seconds": times,
                      "median": median, "ratio": median["statistics"] / median["forward"],
                      "ratio_im2col": median["statistics (im2col)"] / median["forward"],
-                     "ratio_drawn": median[DRAWN] / median["forward"]})
+                     "ratio_drawn": median[DRAWN] / median["forward"],
+                     **({"baseline": baseline, "ratio_baseline": median[BASELINE] / median["forward"]} if baseline else {})})
         print(f"statistics {model_name}: forward {median['forward']:.2f}s, statistics {median['statistics']:.2f}s "
               f"({rows[-1]['ratio']:.2f}x), im2col {median['statistics (im2col)']:.2f}s "
               f"({rows[-1]['ratio_im2col']:.2f}x)" + (f", with sensitivity: two passes {median[TWO_PASSES]:.2f}s, one "
@@ -198,11 +221,14 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
              "Σ; its effect on accuracy is in the accuracy section). Goals (issue 10): ≤ 2.5× on ResNet-18 at 224, "
              "≤ 3× on the CIFAR ResNets. *with sensitivity*: what `compress` runs before planning, the statistics "
              "and the sensitivities (forward and backward over the first 512 images), in two passes as before "
-             "2026-12-07 and in the one pass of `datd.calibration` (`--with-sensitivity`), in seconds. "
+             "2026-12-07 and in the one pass of `datd.calibration` (`--with-sensitivity`), in seconds. *baseline*: "
+             "`collect_stats` of an earlier commit in the same interleaved run (`--baseline REV`): its seconds, its "
+             "ratio to the forward pass and this commit's speed-up over it. "
              + COMPARE_WITHIN_RUN, "",
              "| model | run | images × input | batch | forward s | statistics s | ratio | im2col s | im2col ratio | "
-             "1/16 drawn s | 1/16 drawn ratio | with sensitivity: two passes / one pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "1/16 drawn s | 1/16 drawn ratio | with sensitivity: two passes / one pass | baseline: commit, s, ratio "
+             "(speed-up) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["median"]
         lines.append(f"| {r['model']} | {_day(r)} | {r['images']} × {'×'.join(map(str, r['input']))} | "
@@ -210,7 +236,9 @@ def statistics_markdown(rows: list[dict], env: dict) -> str:
                      f"{m['statistics (im2col)']:.2f} | {r['ratio_im2col']:.2f}× | "
                      + (f"{m[DRAWN]:.2f} | {r['ratio_drawn']:.2f}× |" if DRAWN in m else "— | — |")
                      + (f" {m[TWO_PASSES]:.2f} / {m[ONE_PASS]:.2f} ({m[ONE_PASS] / m[TWO_PASSES]:.2f}×) |"
-                        if ONE_PASS in m else " — |"))
+                        if ONE_PASS in m else " — |")
+                     + (f" {r['baseline'][:7]}, {m[BASELINE]:.2f}, {r['ratio_baseline']:.2f}× "
+                        f"({m[BASELINE] / m['statistics']:.2f}×) |" if BASELINE in m else " — |"))
     return "\n".join(lines + [""] + _provenance(rows, env))
 
 
@@ -269,6 +297,8 @@ def main() -> None:
                         help="compress: also time fit_workers=1 (the fits in-process) in the same run")
     parser.add_argument("--with-sensitivity", action="store_true",
                         help="statistics: also time the statistics and sensitivities in two passes and in one")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="statistics: also time collect_stats as it was at this git revision, interleaved")
     args = parser.parse_args()
     torch.manual_seed(0)
     allocator = datd.tune_allocator()  # one allocator regime for every timing (glibc otherwise page-faults activations)
@@ -290,7 +320,7 @@ def main() -> None:
 
     if "statistics" in sections:
         rows = merged("speed_statistics", stamp(run_statistics(args.repeats, [c for c in STATISTICS if wanted(c[0])],
-                                                               args.with_sensitivity)))
+                                                               args.with_sensitivity, args.baseline)))
         write_results("speed_statistics", rows)
         update_section("speed_statistics", statistics_markdown(rows, env))
     if "compress" in sections:

@@ -50,14 +50,20 @@ CONVS = {
     "reflect": dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
     "depthwise": dict(in_channels=8, out_channels=8, kernel_size=3, padding=1, groups=8),
     "grouped-wide-stride2": dict(in_channels=16, out_channels=8, kernel_size=(3, 5), stride=2, padding=(1, 2), groups=2),
+    "pointwise": dict(in_channels=7, out_channels=4, kernel_size=1),
+    "pointwise-stride2-grouped": dict(in_channels=8, out_channels=4, kernel_size=1, stride=2, groups=2),
 }
 
 
-@pytest.mark.parametrize("path", ["shifts", "im2col"])
+@pytest.mark.parametrize("path", ["shifts", "shifts, folds apart", "im2col"])
 @pytest.mark.parametrize("name", CONVS)
 def test_conv_sigma_equals_brute_force_im2col(name, path, monkeypatch):
-    """Both formulations of the patch moments (shifted cross-correlations, im2col) against explicit loops."""
-    monkeypatch.setattr(stats_module, "prefers_shifts", lambda geometry, channels: path == "shifts")
+    """Both formulations of the patch moments (shifted cross-correlations: the folds as sets of one call, or in a
+    call each; im2col) against explicit loops; the im2col Gram products in block rows of a few columns
+    (``_upper_gram``: on tap boundaries, only the blocks on and above the diagonal formed)."""
+    monkeypatch.setattr(stats_module, "prefers_shifts", lambda geometry, channels: path.startswith("shifts"))
+    monkeypatch.setattr(stats_module, "FOLDS_APART", 0 if path == "shifts, folds apart" else 1 << 62)
+    monkeypatch.setattr(stats_module, "_GRAM_BLOCK", 5)
     torch.manual_seed(0)
     conv = nn.Conv2d(**CONVS[name])
     images = torch.randn(5, conv.in_channels, 9, 8)
@@ -83,7 +89,8 @@ def test_conv_sigma_equals_brute_force_im2col(name, path, monkeypatch):
     assert torch.allclose(stats.mean_half, mean_a, rtol=1e-5, atol=1e-6)
 
 
-def test_linear_on_3d_input_uses_every_row():
+def test_linear_on_3d_input_uses_every_row(monkeypatch):
+    monkeypatch.setattr(stats_module, "_GRAM_BLOCK", 4)  # two block rows of the Gram product (4 + 2 columns)
     torch.manual_seed(1)
     lin = nn.Linear(6, 3)
     x = torch.randn(4, 7, 6)

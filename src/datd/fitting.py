@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -208,13 +208,23 @@ def _quadratic(problem: LayerProblem, approx: Tensor, weights: Tensor, moment: T
 
 def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias_correction: bool) -> float:
     """Predicted loss of replacing the weight by ``approx`` (see the module docstring)."""
+    return damages(problem, [approx], sensitivity, bias_correction)[0]
+
+
+def damages(problem: LayerProblem, approxes: Sequence[Tensor], sensitivity: Sensitivity,
+            bias_correction: bool) -> list[float]:
+    """``damage`` of each of ``approxes`` (weights of the layer's shape), with the moments of the damage formed
+    once for all of them (two D×D float64 differences per call otherwise: a third of a planning fit's damage on
+    ResNet-50). The same values as separate calls, bit for bit."""
     if problem.groups > 1:
-        return sum(damage(problem.group(g), a, s, bias_correction) for g, (a, s) in
-                   enumerate(zip(problem.split(approx), sensitivity.chunk(problem.groups))))
+        per_group = [damages(problem.group(g), [problem.split(a)[g] for a in approxes], s, bias_correction)
+                     for g, s in enumerate(sensitivity.chunk(problem.groups))]
+        return [sum(parts) for parts in zip(*per_group)]
+    terms = problem.damage_terms(sensitivity, bias_correction)
     # ≥ 0: the moments are PSD up to the round-off of their float32 sums, which a fit can find (a covariance of
     # inputs whose mean dwarfs their spread): a predicted gain is never real
-    return max(0.0, 0.5 * sum(float(_quadratic(problem, approx, w, m).sum())
-                              for w, m in problem.damage_terms(sensitivity, bias_correction)))
+    return [max(0.0, 0.5 * sum(float(_quadratic(problem, approx, w, m).sum()) for w, m in terms))
+            for approx in approxes]
 
 
 def relative_sigma_error(problem: LayerProblem, approx: Tensor) -> float:
@@ -274,12 +284,10 @@ def prune_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings
     k = H, where nothing is removed."""
     _, errors = problem.prune_order(settings)
     h = errors.shape[0] - 1
-    points = []
-    for k in sorted({min(max(int(a), 1), h - 1) for a in anchors if h > 1}):
-        approx = fit(problem, "prune", (k,), settings).reconstruct()
-        d = damage(problem, approx, sensitivity, settings.bias_correction)
-        if errors[k] > 0:
-            points.append((k, math.log(max(d / float(errors[k]), 1e-300))))
+    counts = sorted({min(max(int(a), 1), h - 1) for a in anchors if h > 1})
+    approxes = [fit(problem, "prune", (k,), settings).reconstruct() for k in counts]
+    points = [(k, math.log(max(d / float(errors[k]), 1e-300)))
+              for k, d in zip(counts, damages(problem, approxes, sensitivity, settings.bias_correction)) if errors[k] > 0]
     if not points:  # exact at every anchor (or a single channel): nothing to lose
         return torch.zeros_like(errors)
     ks = torch.arange(h + 1, dtype=errors.dtype)

@@ -295,7 +295,11 @@ def im2col_cost(geometry: ConvGeometry, channels: int, positions: int | None = N
 def prefers_shifts(geometry: ConvGeometry, channels: int) -> bool:
     """Whether ``accumulate_shifted`` is expected to be cheaper than im2col for this conv (per group of
     ``channels``). Below ``MIN_CHANNELS`` the weight-gradient kernels run far below their speed (measured on 2 CPU
-    cores: a 3-channel stem and depthwise convs are no faster, or slower, than im2col), so im2col is kept there."""
+    cores: a 3-channel stem and depthwise convs are no faster, or slower, than im2col), so im2col is kept there.
+    A 1×1 conv has no shift structure to use: its columns are its input, whose Gram matrix ``datd.stats`` forms
+    by halves (its blocks on and above the diagonal), faster than the weight-gradient kernel forms all of it."""
+    if geometry.kernel == (1, 1):
+        return False
     if channels == 1:  # depthwise: correlated BLOCK channels at a time (``_correlate``)
         return geometry.kernel != (1, 1) and shift_cost(geometry, BLOCK) / BLOCK < im2col_cost(geometry, 1)
     return channels >= MIN_CHANNELS and shift_cost(geometry, channels) < im2col_cost(geometry, channels)

@@ -36,7 +36,7 @@ from .decompose import DEFAULT_SIGMA_REG, Decomposition, Pruned
 from .errors import DatdError, reading
 from .evaluate import accuracy, count_macs, count_params
 from .fitting import (
-    NORMS, FitSettings, LayerProblem, damage, fit, fit_macs, output_energy, prune_damage_curve,
+    NORMS, FitSettings, LayerProblem, damage, damages, fit, fit_macs, output_energy, prune_damage_curve,
     relative_output_error, relative_sigma_error, svd_damage_curve, sweeps,
 )
 from .graph import conv_batchnorms
@@ -1045,11 +1045,10 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 curve = prune_damage_curve(layer.problem, layer.sensitivity, settings, sorted(_prune_anchor_ks(layer)))
                 opts += [Option("prune", r, factorized_cost("prune", g, r), float(curve[r[0]])) for r in ladder]
                 continue
-            points = []
-            for ranks in sorted(anchors, key=lambda r: metric_of(factorized_cost(method, g, r), metric)):
-                approx = _fit_cached(layer, method, ranks, settings).reconstruct()
-                d = damage(layer.problem, approx, layer.sensitivity, settings.bias_correction)
-                points.append((metric_of(factorized_cost(method, g, ranks), metric), d))
+            fitted = sorted(anchors, key=lambda r: metric_of(factorized_cost(method, g, r), metric))
+            approxes = [_fit_cached(layer, method, ranks, settings).reconstruct() for ranks in fitted]
+            points = [(metric_of(factorized_cost(method, g, ranks), metric), d) for ranks, d in
+                      zip(fitted, damages(layer.problem, approxes, layer.sensitivity, settings.bias_correction))]
             opts += _interpolated(method, g, ladder, points, metric)
         if latency is not None:
             # pruning's latency is the whole model's change (its producer's time saved too): it may be below zero
