@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -211,12 +211,13 @@ def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias
     return damages(problem, [approx], sensitivity, bias_correction)[0]
 
 
-def damages(problem: LayerProblem, approxes: Sequence[Tensor], sensitivity: Sensitivity,
+def damages(problem: LayerProblem, approxes: Iterable[Tensor], sensitivity: Sensitivity,
             bias_correction: bool) -> list[float]:
-    """``damage`` of each of ``approxes`` (weights of the layer's shape), with the moments of the damage formed
-    once for all of them (two D×D float64 differences per call otherwise: a third of a planning fit's damage on
-    ResNet-50). The same values as separate calls, bit for bit."""
+    """``damage`` of each of ``approxes`` (weights of the layer's shape; taken one at a time from an iterator), with
+    the moments of the damage formed once for all of them (two D×D float64 differences per call otherwise: a third
+    of a planning fit's damage on ResNet-50). The same values as separate calls, bit for bit."""
     if problem.groups > 1:
+        approxes = list(approxes)
         per_group = [damages(problem.group(g), [problem.split(a)[g] for a in approxes], s, bias_correction)
                      for g, s in enumerate(sensitivity.chunk(problem.groups))]
         return [sum(parts) for parts in zip(*per_group)]
@@ -285,7 +286,7 @@ def prune_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings
     _, errors = problem.prune_order(settings)
     h = errors.shape[0] - 1
     counts = sorted({min(max(int(a), 1), h - 1) for a in anchors if h > 1})
-    approxes = [fit(problem, "prune", (k,), settings).reconstruct() for k in counts]
+    approxes = (fit(problem, "prune", (k,), settings).reconstruct() for k in counts)  # one at a time
     points = [(k, math.log(max(d / float(errors[k]), 1e-300)))
               for k, d in zip(counts, damages(problem, approxes, sensitivity, settings.bias_correction)) if errors[k] > 0]
     if not points:  # exact at every anchor (or a single channel): nothing to lose
