@@ -301,7 +301,7 @@ def prefers_shifts(geometry: ConvGeometry, channels: int) -> bool:
     if geometry.kernel == (1, 1):
         return False
     if channels == 1:  # depthwise: correlated BLOCK channels at a time (``_correlate``)
-        return geometry.kernel != (1, 1) and shift_cost(geometry, BLOCK) / BLOCK < im2col_cost(geometry, 1)
+        return shift_cost(geometry, BLOCK) / BLOCK < im2col_cost(geometry, 1)
     return channels >= MIN_CHANNELS and shift_cost(geometry, channels) < im2col_cost(geometry, channels)
 
 

@@ -40,7 +40,8 @@ LayerFilter = Callable[[nn.Module, str], bool]
 # formed in the compute dtype (float32 by default: GEMMs at twice the float64 speed, rounding bounded in tests)
 # and accumulated in float64.
 _CHUNK_ELEMENTS = 1 << 24
-# Per-image work C²·H·W of a conv's channel set from which the shifted path runs its two folds apart (``_folds_apart``).
+# Per-image work C²·H·W of a conv's channel set from which the shifted path runs its two folds apart
+# (``_folds_apart``).
 FOLDS_APART = 1 << 22
 # Images whose mean patches are gathered before their outer products are added to the pooled sum at once.
 _POOLED_ROWS = 512
@@ -419,14 +420,14 @@ class _Accumulator:
             per_sample = x.reshape(x.shape[0], -1, dim) if x.dim() > 1 else x[None, None]
             self._pool_from(per_sample.shape[1])
             self._add_pooled(per_sample.mean(dim=1)[None])
-            step = max(1, _CHUNK_ELEMENTS // dim)
+            step, edges = max(1, _CHUNK_ELEMENTS // dim), _gram_edges(dim)
             for fold, part in enumerate(self._split(per_sample)):
                 rows = part.reshape(-1, dim)
                 for start in range(0, rows.shape[0], step):
                     chunk = rows[start:start + step]
                     total = chunk.sum(dim=0)
                     self._check(total)
-                    self.sum_outer[fold, 0] += _upper_gram(chunk, _gram_edges(dim))
+                    self.sum_outer[fold, 0] += _upper_gram(chunk, edges)
                     self._add(fold, total, chunk.shape[0])
 
     def _check(self, sums: Tensor) -> None:
@@ -524,15 +525,14 @@ class _Accumulator:
         if reorder:
             cols = cols.view(n, groups, channels, self.taps, positions).transpose(2, 3).reshape(cols.shape)
         if positions >= dim:  # per-image products avoid a transposed copy of the patches
-            outer = cols.new_zeros(groups, dim, dim)
-            for start, stop in edges:
-                outer[:, start:stop, start:] = (cols[:, :, start:stop] @ cols[:, :, start:].transpose(2, 3)).sum(dim=0)
+            outer = _upper_gram(cols.transpose(2, 3), edges).sum(dim=0)
         else:
             outer = _upper_gram(cols.permute(1, 0, 3, 2).reshape(groups, n * positions, dim), edges)
         sums = cols.sum(dim=3).transpose(0, 1)  # (G, N, D)
         if self.taps == 1 or reorder:
             return self._blocks(outer), sums
-        return tap_major(outer, self.taps), sums.reshape(groups, n, channels, self.taps).transpose(2, 3).reshape(groups, n, dim)
+        sums = sums.reshape(groups, n, channels, self.taps).transpose(2, 3).reshape(groups, n, dim)
+        return tap_major(outer, self.taps), sums
 
     def _pool_from(self, positions: int) -> None:
         """Call before adding a call's patches: from the first call with more than one position per image on,
