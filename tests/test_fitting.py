@@ -1,9 +1,11 @@
 """Damage predictions: the closed-form Σ-SVD curve agrees with fitted layers, and the pooled/spread split."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from datd.fitting import FitSettings, LayerProblem, damage, fit, svd_damage_curve
+from datd.fitting import FitSettings, LayerProblem, damage, damages, fit, svd_damage_curve
 from datd.layers import Geometry
 from datd.sensitivity import Sensitivity
 
@@ -83,3 +85,34 @@ def test_relative_output_error_of_a_grouped_conv_matches_its_real_outputs():
             energy = F.conv2d(images, conv.weight, None, padding=1, groups=2)
         expected = float(((error ** 2).sum(1).mean() / (energy ** 2).sum(1).mean()) ** 0.5)
         assert relative_output_error(problem, approx, correction) == pytest.approx(expected, rel=1e-8)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("method,ranks", [("svd", (2,)), ("tucker2", (3, 2)), ("cp", (4,))])
+def test_factored_damages_equal_the_dense_form(pooled, method, ranks):
+    # T = 12 rows, D = 36: ranks well below T take the factored form; W̃₁ = L·Rt must reproduce W̃ exactly
+    p, sens = problem(pooled, t=12, s=4, k=3), sensitivity(t=12)
+    settings = FitSettings(max_iter=5)
+    fitted = [fit(p, method, ranks, settings), fit(p, "svd", (12,), settings)]  # and an exact one (dense form)
+    left, right = fitted[0].matrix_factors()
+    assert torch.allclose(left @ right, fitted[0].reconstruct().reshape(12, -1), rtol=1e-12, atol=1e-12)
+    for bias_correction in (False, True):
+        factored = damages(p, iter(fitted), sens, bias_correction)
+        dense = [damage(p, d.reconstruct(), sens, bias_correction) for d in fitted]
+        assert factored[0] > 0 and factored[0] == pytest.approx(dense[0], rel=1e-9)
+        assert factored[1] == dense[1] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_pruned_damages_read_only_the_kept_columns(bias_correction):
+    p, sens = problem(True, t=12, s=6, k=3), sensitivity(t=12)
+    p.geometry = dataclasses.replace(p.geometry, input_channels=6)  # its 6 input channels can be pruned
+    fitted = [fit(p, "prune", (k,), FitSettings()) for k in (1, 2, 4)]
+    left, cols = fitted[1].matrix_factors()
+    assert cols.dtype == torch.int64 and cols.numel() == 2 * 9
+    dense = torch.zeros(12, 54, dtype=torch.float64)
+    dense[:, cols] = left
+    assert torch.equal(dense, fitted[1].reconstruct().reshape(12, -1))
+    factored = damages(p, iter(fitted), sens, bias_correction)
+    for value, d in zip(factored, fitted):
+        assert value > 0 and value == pytest.approx(damage(p, d.reconstruct(), sens, bias_correction), rel=1e-9)

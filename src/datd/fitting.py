@@ -29,7 +29,7 @@ from torch import Tensor
 from .decompose import DEFAULT_SIGMA_REG, Decomposition, Grouped, cp, prune, prune_order, svd, tucker2
 from .decompose.cp import sweep_macs as cp_sweep_macs
 from .decompose.tucker2 import sweep_macs as tucker2_sweep_macs
-from .decompose._linalg import gram_top_eigh, prepare_sigma
+from .decompose._linalg import EXPANDED_FLOOR, gram_top_eigh, prepare_sigma
 from .decompose.prune import PRUNE_REG
 from .layers import Geometry
 from .sensitivity import Sensitivity
@@ -211,21 +211,69 @@ def damage(problem: LayerProblem, approx: Tensor, sensitivity: Sensitivity, bias
     return damages(problem, [approx], sensitivity, bias_correction)[0]
 
 
-def damages(problem: LayerProblem, approxes: Iterable[Tensor], sensitivity: Sensitivity,
+def damages(problem: LayerProblem, approxes: Iterable[Tensor | Decomposition], sensitivity: Sensitivity,
             bias_correction: bool) -> list[float]:
-    """``damage`` of each of ``approxes`` (weights of the layer's shape; taken one at a time from an iterator), with
-    the moments of the damage formed once for all of them (two D×D float64 differences per call otherwise: about a
-    quarter of a planning fit's damage on ResNets at 224). The same values as separate calls, bit for bit."""
+    """``damage`` of each of ``approxes`` (weights of the layer's shape, or decompositions of it; taken one at a
+    time from an iterator), with the moments of the damage formed once for all of them (two D×D float64
+    differences per call otherwise: about a quarter of a planning fit's damage on ResNets at 224).
+
+    A decomposition of rank R with a ``matrix_factors`` form W̃₁ = L·Rt is scored in that form (``_factored``): R
+    rather than T products of a row with each D×D moment, after one T-row product per moment and call for the
+    original weight's own diagonal, so several decompositions per call gain most. Equal to the dense form up to
+    round-off amplified by 1 / (relative error)², below 1e-9 relative where that form is used (it falls back to the
+    dense form for nearly exact fits)."""
     if problem.groups > 1:
-        parts = [problem.split(a) for a in approxes]  # each approximation's groups
+        parts = [problem.split(_dense(a)) for a in approxes]  # each approximation's groups
         per_group = [damages(problem.group(g), [p[g] for p in parts], s, bias_correction)
                      for g, s in enumerate(sensitivity.chunk(problem.groups))]
         return [sum(values) for values in zip(*per_group)]
     terms = problem.damage_terms(sensitivity, bias_correction)
-    # ≥ 0: the moments are PSD up to the round-off of their float32 sums, which a fit can find (a covariance of
-    # inputs whose mean dwarfs their spread): a predicted gain is never real
-    return [max(0.0, 0.5 * sum(float(_quadratic(problem, approx, w, m).sum()) for w, m in terms))
-            for approx in approxes]
+    whole: list[Tensor] = []  # diag(W M Wᵀ) per term, formed at the first factored approximation
+    values = []
+    for approx in approxes:
+        value = _factored(problem, approx, terms, whole)
+        if value is None:
+            dense = _dense(approx)
+            value = 0.5 * sum(float(_quadratic(problem, dense, w, m).sum()) for w, m in terms)
+        # ≥ 0: the moments are PSD up to the round-off of their float32 sums, which a fit can find (a covariance of
+        # inputs whose mean dwarfs their spread): a predicted gain is never real
+        values.append(max(0.0, value))
+    return values
+
+
+def _dense(approx: Tensor | Decomposition) -> Tensor:
+    return approx.reconstruct() if isinstance(approx, Decomposition) else approx
+
+
+def _factored(problem: LayerProblem, approx: Tensor | Decomposition, terms: list[tuple[Tensor, Tensor]],
+              whole: list[Tensor]) -> float | None:
+    """The damage of ``approx`` from its ``matrix_factors`` L (T, R) and Rt (R, D) or R column indices: per term
+    (weights w, moment M), Σ_c w_c (a_c − 2 b_c + e_c) / 2 with a = diag(W M Wᵀ) (``whole``: formed once per call
+    and kept for the call's next approximations), b = diag(W M W̃ᵀ) and e = diag(W̃ M W̃ᵀ) through Q = Rt M (R·D²
+    multiply-adds, or a gather of R rows of M). None where that costs more than the dense form (a rank near T;
+    ``whole`` is not counted, so single approximations are best passed dense) or where the result, a difference of
+    larger terms, is below ``EXPANDED_FLOOR``² of them."""
+    factors = approx.matrix_factors() if isinstance(approx, Decomposition) else None
+    if factors is None:
+        return None
+    left, right = factors
+    w = problem.matrix
+    (t, d), r = w.shape, left.shape[1]
+    columns = right.dtype == torch.int64  # Rt = I[right]: W̃ reads only those columns (channel pruning)
+    if (0 if columns else r * d * d + r * r * d) + 2 * t * d * r + r * r * t >= t * d * d:  # per term, vs dense
+        return None
+    if not whole:
+        whole += [((w @ m) * w).sum(dim=1) for _, m in terms]
+    total = scale = 0.0
+    for (weights, m), own in zip(terms, whole):
+        q = m[right] if columns else right @ m  # Rt M (R, D)
+        cross = ((w @ q.T) * left).sum(dim=1)  # diag(W M W̃ᵀ)
+        model = ((left @ (q[:, right] if columns else q @ right.T)) * left).sum(dim=1)  # diag(W̃ M W̃ᵀ)
+        total += float((weights * (own - 2 * cross + model)).sum())
+        scale += float((weights * own).sum())
+    if not total >= EXPANDED_FLOOR**2 * scale:  # cancellation has eaten the digits (or a NaN): the dense form
+        return None
+    return 0.5 * total
 
 
 def relative_sigma_error(problem: LayerProblem, approx: Tensor) -> float:
@@ -286,7 +334,7 @@ def prune_damage_curve(problem: LayerProblem, sensitivity: Sensitivity, settings
     _, errors = problem.prune_order(settings)
     h = errors.shape[0] - 1
     counts = sorted({min(max(int(a), 1), h - 1) for a in anchors if h > 1})
-    approxes = (fit(problem, "prune", (k,), settings).reconstruct() for k in counts)  # one at a time
+    approxes = (fit(problem, "prune", (k,), settings) for k in counts)  # one at a time
     measured = damages(problem, approxes, sensitivity, settings.bias_correction)
     points = [(k, math.log(max(d / float(errors[k]), 1e-300))) for k, d in zip(counts, measured) if errors[k] > 0]
     if not points:  # exact at every anchor (or a single channel): nothing to lose

@@ -1046,7 +1046,7 @@ def _options(layers: dict[str, _Layer], config: CompressConfig, target: Target, 
                 opts += [Option("prune", r, factorized_cost("prune", g, r), float(curve[r[0]])) for r in ladder]
                 continue
             fitted = sorted(anchors, key=lambda r: metric_of(factorized_cost(method, g, r), metric))
-            approxes = (_fit_cached(layer, method, ranks, settings).reconstruct() for ranks in fitted)  # one at a time
+            approxes = (_fit_cached(layer, method, ranks, settings) for ranks in fitted)  # scored in factored form
             points = [(metric_of(factorized_cost(method, g, ranks), metric), d) for ranks, d in
                       zip(fitted, damages(layer.problem, approxes, layer.sensitivity, settings.bias_correction))]
             opts += _interpolated(method, g, ladder, points, metric)

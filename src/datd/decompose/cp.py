@@ -51,6 +51,9 @@ class CP(Decomposition):
         k = khatri_rao(self.in_factor, self.vertical, self.horizontal)
         return (self.out_factor @ k.T).reshape(self.shape)
 
+    def matrix_factors(self) -> tuple[Tensor, Tensor]:
+        return self.out_factor.double(), khatri_rao(self.in_factor, self.vertical, self.horizontal).T.double()
+
 
 def _damped_solve(gram: Tensor, rhs: Tensor, previous: Tensor, damping: float) -> Tensor:
     """argmin_X tr(X gram Xᵀ) − 2 tr(X rhsᵀ) + μ‖X − previous‖², μ = damping · mean diag(gram);

@@ -60,6 +60,12 @@ class Pruned(Decomposition):
         full[:, self.kept.to(full.device)] = self.weight.reshape(t, -1, block)
         return full.reshape(self.shape)
 
+    def matrix_factors(self) -> tuple[Tensor, Tensor]:
+        t = self.shape[0]
+        block = math.prod(self.shape[1:]) // self.channels
+        cols = (self.kept[:, None] * block + torch.arange(block, device=self.kept.device)).reshape(-1)
+        return self.weight.reshape(t, -1).double(), cols.to(self.weight.device)
+
 
 def _channel_layout(weight: Tensor, channels: int | None) -> tuple[Tensor, int, int]:
     """(W₁ float64 (T, D), H channels, b columns per channel)."""

@@ -35,6 +35,9 @@ class LowRank(Decomposition):
         rank = self.out_factor.shape[1]
         return (self.out_factor @ self.in_factor.reshape(rank, -1)).reshape(self.shape)
 
+    def matrix_factors(self) -> tuple[Tensor, Tensor]:
+        return self.out_factor.double(), self.in_factor.reshape(self.out_factor.shape[1], -1).double()
+
 
 def spectrum(weight: Tensor, sigma: Tensor | None = None, *, sigma_reg: float = DEFAULT_SIGMA_REG) -> Tensor:
     """Eigenvalues of W₁ Σ W₁ᵀ, descending (T,): the squared Σ-error of the rank-R fit is the sum of

@@ -48,6 +48,11 @@ class Tucker2(Decomposition):
         core = self.core.reshape(r_out, r_in, -1)
         return torch.einsum("ta,abp,sb->tsp", self.out_factor, core, self.in_factor).reshape(self.shape)
 
+    def matrix_factors(self) -> tuple[Tensor, Tensor]:
+        r_out, r_in = self.ranks
+        core = self.core.reshape(r_out, r_in, -1).double()
+        return self.out_factor.double(), torch.einsum("abp,sb->asp", core, self.in_factor.double()).reshape(r_out, -1)
+
 
 def tucker2(
     weight: Tensor,
