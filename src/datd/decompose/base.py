@@ -36,7 +36,7 @@ class Decomposition:
 
     def matrix_factors(self) -> tuple[Tensor, Tensor] | None:
         """(L (T, R), Rt) with W̃₁ = L·Rt (W̃ as a (T, D) matrix, D = S·kh·kw), where W̃ has such a rank-R form by
-        construction: Rt (R, D) float64, or an int64 index vector (R,) of columns, Rt = I[Rt] (W̃₁ zero outside
+        construction: Rt (R, D), or an int64 index vector (R,) of columns, Rt = I[Rt] (W̃₁ zero outside
         them); None otherwise. Lets a quadratic form in W̃ cost R rather than T products with a D×D moment
         (``datd.fitting.damages``)."""
         return None

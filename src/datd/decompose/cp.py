@@ -48,11 +48,11 @@ class CP(Decomposition):
         return (self.out_factor.shape[1],)
 
     def reconstruct(self) -> Tensor:
-        k = khatri_rao(self.in_factor, self.vertical, self.horizontal)
-        return (self.out_factor @ k.T).reshape(self.shape)
+        left, right = self.matrix_factors()
+        return (left @ right).reshape(self.shape)
 
     def matrix_factors(self) -> tuple[Tensor, Tensor]:
-        return self.out_factor.double(), khatri_rao(self.in_factor, self.vertical, self.horizontal).T.double()
+        return self.out_factor, khatri_rao(self.in_factor, self.vertical, self.horizontal).T
 
 
 def _damped_solve(gram: Tensor, rhs: Tensor, previous: Tensor, damping: float) -> Tensor:

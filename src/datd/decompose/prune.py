@@ -64,7 +64,7 @@ class Pruned(Decomposition):
         t = self.shape[0]
         block = math.prod(self.shape[1:]) // self.channels
         cols = (self.kept[:, None] * block + torch.arange(block, device=self.kept.device)).reshape(-1)
-        return self.weight.reshape(t, -1).double(), cols.to(self.weight.device)
+        return self.weight.reshape(t, -1), cols.to(self.weight.device)
 
 
 def _channel_layout(weight: Tensor, channels: int | None) -> tuple[Tensor, int, int]:

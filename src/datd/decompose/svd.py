@@ -32,11 +32,11 @@ class LowRank(Decomposition):
         return (self.out_factor.shape[1],)
 
     def reconstruct(self) -> Tensor:
-        rank = self.out_factor.shape[1]
-        return (self.out_factor @ self.in_factor.reshape(rank, -1)).reshape(self.shape)
+        left, right = self.matrix_factors()
+        return (left @ right).reshape(self.shape)
 
     def matrix_factors(self) -> tuple[Tensor, Tensor]:
-        return self.out_factor.double(), self.in_factor.reshape(self.out_factor.shape[1], -1).double()
+        return self.out_factor, self.in_factor.reshape(self.out_factor.shape[1], -1)
 
 
 def spectrum(weight: Tensor, sigma: Tensor | None = None, *, sigma_reg: float = DEFAULT_SIGMA_REG) -> Tensor:

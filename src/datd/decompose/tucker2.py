@@ -50,8 +50,8 @@ class Tucker2(Decomposition):
 
     def matrix_factors(self) -> tuple[Tensor, Tensor]:
         r_out, r_in = self.ranks
-        core = self.core.reshape(r_out, r_in, -1).double()
-        return self.out_factor.double(), torch.einsum("abp,sb->asp", core, self.in_factor.double()).reshape(r_out, -1)
+        core = self.core.reshape(r_out, r_in, -1)
+        return self.out_factor, torch.einsum("abp,sb->asp", core, self.in_factor).reshape(r_out, -1)
 
 
 def tucker2(
