@@ -219,6 +219,27 @@ def test_a_latency_target_never_returns_a_slower_model(setup, monkeypatch):
     assert report["latency"]["target_reached"] is False and report["params_after"] == report["params_before"]
 
 
+def test_an_unreachable_latency_target_returns_the_least_damaging_plan_as_fast_as_the_fastest(setup, monkeypatch):
+    """Where every plan measures the same (here 0.8 of the original, whatever is compressed), a latency target below
+    that is out of reach: the budget search then returns the least damaging of the plans measured, not the one of
+    the cheapest options, and says so."""
+    model, calib, _ = setup
+
+    def flat(models, example, repeats=15):
+        return {name: 0.8 if name == "compressed" else 1.0 for name in models}
+
+    monkeypatch.setattr(datd.pipeline, "compare", flat)
+    with pytest.warns(UserWarning, match="not reached.*least damaging plan measured as fast"):
+        _, report = datd.compress(model, calib, target="latency=0.3", **FAST)
+    rounds = report["latency"]["rounds"]
+    searched = [r for r in rounds if r["search"] == "as fast, less damage"]
+    assert rounds[0]["search"] == "target" and len(searched) >= 2
+    assert max(r["budget_s"] for r in searched) > rounds[0]["budget_s"]  # less aggressive budgets were tried
+    returned = rounds[report["latency"]["returned_round"]]
+    assert returned["damage"] == min(r["damage"] for r in rounds) < rounds[0]["damage"]
+    assert report["latency"]["target_reached"] is False and report["params_after"] < report["params_before"]
+
+
 class _Branchy(nn.Module):
     """One conv used twice per forward pass, one never used on these inputs (only for 2-channel images)."""
 
@@ -376,19 +397,22 @@ def test_pruning_respects_the_layer_filter_and_propagated_fits(setup, tmp_path):
     assert torch.equal(datd.load(tmp_path / "m", SmallNet())(calib[0]), compressed(calib[0]))
 
 
+@pytest.mark.parametrize("check_images", [0, 512])
 @pytest.mark.parametrize("target", ["params=0.5", "macs=0.5"])
-def test_pruning_is_kept_only_where_the_whole_plan_measures_better(setup, target):
+def test_pruning_is_kept_only_where_the_whole_plan_measures_better(setup, target, check_images):
     """With method 'auto', a plan that prunes is measured against the plan without pruning (every chosen layer
-    replaced at once, on the probe images): the model prunes exactly when that costs it less."""
+    replaced at once, on ``check_images`` calibration images, at least the probe's): the model prunes exactly when
+    that costs it less."""
     model, calib, _ = setup
-    _, report = datd.compress(model, calib, target=target, **FAST)
+    _, report = datd.compress(model, calib, target=target, check_images=check_images, **FAST)
     check = report.get("pruning")
     pruned = [l for l in report["layers"] if l.get("method") == "prune"]
     if check is None:  # no plan pruned
         assert not pruned
         return
     if "kl_with" in check:
-        assert check["kl_with"] >= 0 and check["kl_without"] >= 0 and check["images"] == 64
+        # its own images (here all 96 calibration images), or the probe's 64 where it asks for no more
+        assert check["kl_with"] >= 0 and check["kl_without"] >= 0 and check["images"] == min(max(check_images, 64), 96)
         assert check["kept"] == (check["kl_with"] <= check["kl_without"])
     assert bool(pruned) == check["kept"]
 

@@ -188,6 +188,8 @@ def _budgets(scale: str) -> dict:
               help="with params/macs targets, measure the latency before/after too")
 @click.option("--probe-images", default=DEFAULTS.probe_images, show_default=True,
               help="images on which the planner measures the real damage of the options it picks (0: off)")
+@click.option("--check-images", default=DEFAULTS.check_images, show_default=True,
+              help="images of the plan-level check whether pruning pays (the whole plan's KL with and without it)")
 @click.option("--shrinkage", default=DEFAULTS.shrinkage, show_default=True,
               help="trust in each layer's Σ: cv (shrinkage towards the identity chosen per layer by two-fold "
                    "cross-validation over the calibration images) or a fixed α in [0, 1] (0: the sample Σ)")
@@ -223,14 +225,15 @@ def _budgets(scale: str) -> dict:
                    "the result is the one the uninterrupted run would have given")
 def compress_command(model_name, weights, data, calib, target, method, norm, ranks, bias_correction, stats_path,
                      eval_data, eval_limit, out_dir, device, seed, batch_size, latency_batch, rank_multiple,
-                     memory_format, latency_cache, measure_latency, probe_images, shrinkage, batchnorm_check, prune,
-                     propagate, propagate_residual, propagate_images, fit_budget, fit_workers, positions, overwrite,
-                     resume, **preprocessing) -> None:
+                     memory_format, latency_cache, measure_latency, probe_images, check_images, shrinkage,
+                     batchnorm_check, prune, propagate, propagate_residual, propagate_images, fit_budget, fit_workers,
+                     positions, overwrite, resume, **preprocessing) -> None:
     """Compress a model to a budget; write the compressed model, report.json/md, plan.json and plots."""
     config = CompressConfig(target=target, method=method, norm=norm, ranks=ranks, bias_correction=bias_correction,
                             seed=seed, latency_batch=latency_batch, rank_multiple=rank_multiple,
                             memory_format=memory_format, latency_cache=latency_cache,
-                            measure_latency=measure_latency, probe_images=probe_images, shrinkage=shrinkage,
+                            measure_latency=measure_latency, probe_images=probe_images, check_images=check_images,
+                            shrinkage=shrinkage,
                             batchnorm_check=batchnorm_check, prune=prune, propagate=propagate,
                             propagate_residual=propagate_residual,
                             propagate_images=propagate_images, positions=positions, fit_workers=fit_workers,
