@@ -94,6 +94,11 @@ class DamageProbe:
     def measure_together(self, replacements: Sequence[Replacement]) -> tuple[float, float]:
         """(mean KL, its standard error) of the model with every one of ``replacements`` in place at once: what
         a whole plan costs, errors compounding through depth included (one full pass over the probe images)."""
+        return self._summary([self.per_image(replacements)])
+
+    def per_image(self, replacements: Sequence[Replacement]) -> Tensor:
+        """The KL of each probe image (float64, (images,)) with every one of ``replacements`` in place at once
+        (paired across calls: image i is the same image in each)."""
         # Each replaced module's forward is swapped for the replacement's for the pass (an instance attribute over
         # the class's method), so that its own computation is not run as well (a forward hook would run both:
         # twice the cost of every replaced layer), and put back afterwards.
@@ -103,7 +108,7 @@ class DamageProbe:
                 saved.append((module, module.__dict__.get("forward")))
                 weight, bias = _replaced(module, weight, bias)
                 module.forward = functools.partial(forward_with, module, weight=weight, bias=bias)
-            return self._summary([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
+            return torch.cat([self._kl(log_p, self._log_probs(x)) for x, log_p in zip(self.inputs, self.reference)])
         finally:
             for module, forward in reversed(saved):
                 if forward is None:
