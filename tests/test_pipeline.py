@@ -205,13 +205,15 @@ def test_latency_target_plans_with_measured_costs(setup):
         datd.compress(model, calib, target="latency=0.5", ranks="uniform", **FAST)
 
 
+def _every_plan_measures(monkeypatch, ratio: float) -> None:
+    """Whole-model latency measurements stubbed: every compressed model runs at ``ratio`` of the original."""
+    monkeypatch.setattr(datd.pipeline, "compare", lambda models, example, repeats=15:
+                        {name: ratio if name == "compressed" else 1.0 for name in models})
+
+
 def test_a_latency_target_never_returns_a_slower_model(setup, monkeypatch):
     model, calib, _ = setup
-
-    def compressed_always_slower(models, example, repeats=15):
-        return {name: 2.0 if name == "compressed" else 1.0 for name in models}
-
-    monkeypatch.setattr(datd.pipeline, "compare", compressed_always_slower)
+    _every_plan_measures(monkeypatch, 2.0)
     with pytest.warns(UserWarning, match="returning the original model unchanged"):
         compressed, report = datd.compress(model, calib, target="latency=0.6", **FAST)
     assert not any(isinstance(m, FACTORIZED_TYPES) for m in compressed.modules())
@@ -275,11 +277,7 @@ def test_an_unreachable_latency_target_returns_the_least_damaging_plan_as_fast_a
     that is out of reach: the budget search then returns the least damaging of the plans measured, not the one of
     the cheapest options, and says so."""
     model, calib, _ = setup
-
-    def flat(models, example, repeats=15):
-        return {name: 0.8 if name == "compressed" else 1.0 for name in models}
-
-    monkeypatch.setattr(datd.pipeline, "compare", flat)
+    _every_plan_measures(monkeypatch, 0.8)
     with pytest.warns(UserWarning, match="not reached.*least damaging plan measured as fast"):
         _, report = datd.compress(model, calib, target="latency=0.3", **FAST)
     rounds = report["latency"]["rounds"]
