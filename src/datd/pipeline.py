@@ -51,7 +51,7 @@ from .plan import (
     METHODS, LatencyBudget, Option, Plan, Target, allocate, calibrated, check_ranks, cheapest, damage_curve,
     factorized_cost, metric_of, rank_ladder, ranks_for_fraction,
 )
-from .probe import DamageProbe
+from .probe import DamageProbe, mean_and_error
 from .propagate import DEFAULT_RIDGE, BatchCache, PairedPasses, call_order, corrected_problem
 from .sensitivity import Sensitivity, output_sensitivity, uninformative
 from .shrinkage import ShrinkageChoice, layer_alpha, shrink
@@ -432,6 +432,7 @@ def compress(
 
     planned = checkpoint.planning() if checkpoint is not None and target.metric != "latency" else None
     probe, probed, curve, pruning = None, {}, None, None
+    again = None  # with probes under a latency target: the probe rounds at each latency round's budget
     if config.ranks == "auto" and config.probe_images and config.probe_rounds and layers and planned is None \
             and fallback is None:  # the probes measure the same KL that came out zero
         probe = DamageProbe(original, calib, config.probe_images, device=device)
@@ -457,8 +458,7 @@ def compress(
             timings["damage probes"] = time.perf_counter() - tick
         tick = time.perf_counter()
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
-                                                               config.latency_rounds, progress, workers,
-                                                               again if probe is not None else None)
+                                                               config.latency_rounds, progress, workers, again)
         timings["fitting and latency rounds"] = time.perf_counter() - tick
         if config.propagate and entries:  # same structure, so the measured latency stands
             tick = time.perf_counter()
@@ -857,12 +857,12 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     second round's unprobed plan predicted 0.0015 nats, measured 1.1 on the calibration images, kept 74 %)."""
     reference_ns = _ns(timing.reference_seconds)
     budget = _latency_budget(layers, options, timing, target)
+    producers = _producers(layers)
     history, results = [], []
 
     def attempt(allowed: int, search: str) -> tuple[tuple, bool]:
         """Plan at ``allowed`` ns, build and measure: the result (model, entries, choice, latency record, predicted
         ns) and whether it is new (False: that plan was measured already, its result)."""
-        producers = _producers(layers)
         choice = allocate(options if again is None else again(lambda o: allocate(o, allowed, "latency", producers)),
                           allowed, "latency", producers)
         plan = {n: (o.method, o.ranks) for n, o in choice.items()}  # damages may differ: probes corrected them
@@ -949,7 +949,7 @@ def _latency_budget(layers: dict[str, _Layer], options: dict[str, list[Option]],
 
 def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
                   choose: Callable[[dict[str, list[Option]]], dict[str, Option]], probe: DamageProbe,
-                  config: CompressConfig, check: Callable[[], DamageProbe] | None = None,
+                  config: CompressConfig, check: Callable[[], DamageProbe],
                   ) -> tuple[dict[str, list[Option]], dict[str, dict[tuple, float]], dict | None, Callable]:
     """Measure the real damage (``DamageProbe``: the lower confidence bound, mean − 2 standard errors, so that
     the probe images' own noise moves nothing) of every option ``choose`` picks that has not been measured
@@ -980,8 +980,8 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
     corrected = refine(options)
     decision = None
     if config.method == "auto":
-        corrected, decision = _prune_or_not(layers, options, corrected, choose, refine, probe, check or (lambda: probe),
-                                            settings, resolve_workers(config.fit_workers))
+        corrected, decision = _prune_or_not(layers, options, corrected, choose, refine, probe, check, settings,
+                                            resolve_workers(config.fit_workers))
     base = options if decision is None or decision["kept"] else \
         {n: [o for o in opts if o.method != "prune"] for n, opts in options.items()}
     return corrected, measured, decision, functools.partial(refine, base)
@@ -1023,9 +1023,8 @@ def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]], c
                      for choice in (with_pruning, without_pruning))  # type: ignore[return-value]
 
     kl_with, kl_without = kls(probe)
-    difference = kl_with - kl_without
-    error = float(difference.std() / difference.numel() ** 0.5) if difference.numel() > 1 else 0.0
-    if abs(float(difference.mean())) <= CHECK_Z * error:  # the probe images cannot tell: more images
+    difference, error = mean_and_error(kl_with - kl_without)
+    if abs(difference) <= CHECK_Z * error:  # the probe images cannot tell: more images
         wider = check()
         if wider.images > probe.images:
             probe = wider

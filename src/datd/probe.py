@@ -171,6 +171,11 @@ class DamageProbe:
 
     @staticmethod
     def _summary(parts: list[Tensor]) -> tuple[float, float]:
-        per_image = torch.cat(parts)
-        error = float(per_image.std() / per_image.numel() ** 0.5) if per_image.numel() > 1 else 0.0
-        return max(float(per_image.mean()), 0.0), error
+        mean, error = mean_and_error(torch.cat(parts))
+        return max(mean, 0.0), error
+
+
+def mean_and_error(values: Tensor) -> tuple[float, float]:
+    """(mean, standard error of the mean) of per-image values (n,); the error is 0 for a single value."""
+    error = float(values.std() / values.numel() ** 0.5) if values.numel() > 1 else 0.0
+    return float(values.mean()), error
