@@ -272,6 +272,45 @@ def test_the_prune_check_takes_more_images_only_where_the_probe_images_cannot_te
     assert decision["kept"] is False and [o.damage for o in kept["a"]] == [0.0, 0.1]  # the refined options
 
 
+class _KeyedProbe:
+    """A stand-in DamageProbe: each replacement (method, ranks) costs the model a fixed KL on every image, and a plan
+    costs the sum of its layers'."""
+
+    def __init__(self, kl: dict[tuple, float]):
+        self.kl, self.images = kl, 64
+
+    def lower_bounds(self, replacements):
+        return [self.kl[r] for r in replacements]
+
+    def per_image(self, replacements):
+        return torch.full((self.images,), sum(self.kl[r] for r in replacements), dtype=torch.float64)
+
+
+def test_whether_to_prune_is_decided_again_at_every_budget_the_latency_rounds_plan_at(monkeypatch):
+    """At a generous budget the plan without pruning measures better, at a tight one the plan with it: ``again``
+    (what the latency rounds re-plan with) decides anew at each budget, so a lower budget is not left with only
+    the factorizations the first decision kept."""
+    from datd.pipeline import _probe_rounds
+    from datd.plan import Cost, Option
+
+    monkeypatch.setattr(datd.pipeline, "_replacement", lambda layer, option, settings: (option.method, option.ranks))
+    monkeypatch.setattr(datd.pipeline, "_prefetch", lambda *a, **k: None)
+    options = {"a": [Option("dense", (), Cost(10, 10)), Option("prune", (2,), Cost(4, 4), 0.1),
+                     Option("cp", (2,), Cost(6, 6), 0.2), Option("cp", (1,), Cost(4, 4), 0.3)]}
+    probe = _KeyedProbe({("prune", (2,)): 0.5, ("cp", (2,)): 0.2, ("cp", (1,)): 0.9})
+
+    def at(budget):
+        return lambda opts: {"a": min((o for o in opts["a"] if o.cost.params <= budget), key=lambda o: o.damage)}
+
+    config = datd.CompressConfig(method="auto", probe_rounds=2, fit_workers=1)
+    corrected, _, decision, again = _probe_rounds({"a": None}, options, at(6), probe, config, lambda: probe)
+    assert decision["kept"] is False and at(6)(corrected)["a"].ranks == (2,)  # 0.2 nats against pruning's 0.5
+    tighter, decision = again(at(4))
+    assert decision["kept"] is True and at(4)(tighter)["a"].method == "prune"  # 0.5 nats against CP rank 1's 0.9
+    looser, decision = again(at(6))  # the measurements so far may already rank pruning last: no plan prunes then
+    assert (decision is None or decision["kept"] is False) and at(6)(looser)["a"].method == "cp"
+
+
 def test_an_unreachable_latency_target_returns_the_least_damaging_plan_as_fast_as_the_fastest(setup, monkeypatch):
     """Where every plan measures the same (here 0.8 of the original, whatever is compressed), a latency target below
     that is out of reach: the budget search then returns the least damaging of the plans measured, not the one of
@@ -284,7 +323,7 @@ def test_an_unreachable_latency_target_returns_the_least_damaging_plan_as_fast_a
     searched = [r for r in rounds if r["search"] == "as fast, less damage"]
     assert rounds[0]["search"] == "target" and all(r["budget_s"] > rounds[0]["budget_s"] for r in searched)
     returned = rounds[report["latency"]["returned_round"]]
-    assert returned["damage"] == min(r["damage"] for r in rounds)
+    assert returned.get("kl", returned["damage"]) == min(r.get("kl", r["damage"]) for r in rounds)
     # the search found less damaging plans unless this machine's timings left the tiny model one plan to make
     assert not searched or returned["damage"] < rounds[0]["damage"]
     assert report["latency"]["target_reached"] is False and report["params_after"] < report["params_before"]

@@ -323,6 +323,33 @@ def damage_curve(options: dict[str, list[Option]], total: int, fixed: int, metri
     return curve
 
 
+FAMILY_SCALE_LIMITS = (1 / 30, 30.0)  # how far a plan-level measurement may move one family's damages against another's
+
+
+def family_scale(predicted: dict[str, float], measured: dict[str, float]) -> float | None:
+    """How much pruning's predicted damages must be scaled against the factorizations' (``predicted`` and
+    ``measured``: the KL of a plan's pruned layers alone and of its factorized layers alone, keys 'prune' and
+    'factorized'), clamped to ``FAMILY_SCALE_LIMITS``; None where either part predicts or measures nothing.
+
+    Per-layer predictions and probes each see one layer; a plan's pruned layers compound through depth in a way its
+    factorized ones do not. On CIFAR ResNet-20 at latency=0.7 a plan predicted 0.079 nats and measured 0.94 (72.8 %
+    top-1), where a factorized-only plan at macs=0.3 predicted 0.042 and measured 0.19. One common factor would not
+    change what the allocator picks; the ratio of the two families' factors does."""
+    if any(predicted.get(k, 0) <= 0 or measured.get(k, 0) <= 0 for k in ("prune", "factorized")):
+        return None
+    ratio = (measured["prune"] / predicted["prune"]) / (measured["factorized"] / predicted["factorized"])
+    low, high = FAMILY_SCALE_LIMITS
+    return min(max(ratio, low), high)
+
+
+def pruning_scaled(options: dict[str, list[Option]], scale: float) -> dict[str, list[Option]]:
+    """``options`` with every 'prune' option's damage times ``scale`` (``family_scale``); the others as they are."""
+    if scale == 1:
+        return options
+    return {n: [dataclasses.replace(o, damage=o.damage * scale) if o.method == "prune" else o for o in opts]
+            for n, opts in options.items()}
+
+
 MEASURED_RATIO_LIMITS = (1.0, 1e4)  # how far one measurement may move a layer's predicted damages
 
 
