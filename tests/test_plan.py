@@ -8,8 +8,8 @@ import pytest
 
 from datd.layers import Cost, Geometry, dense_cost
 from datd.plan import (
-    LatencyBudget, Option, Plan, Target, allocate, check_ranks, damage_curve, factorized_cost, rank_ladder,
-    ranks_for_fraction,
+    FAMILY_SCALE_LIMITS, LatencyBudget, Option, Plan, Target, allocate, check_ranks, damage_curve, factorized_cost,
+    family_scale, pruning_scaled, rank_ladder, ranks_for_fraction,
 )
 
 
@@ -249,3 +249,20 @@ def test_a_joint_unit_whose_pruning_never_pays_allocates_like_two_layers():
             together = allocate({**options, **useless}, budget, "params", {"c1": "p1", "c2": "p2"})
             assert all(o.method != "prune" for o in together.values())
             assert sum(o.damage for o in together.values()) <= 1.05 * separate + 1e-9
+
+
+def test_a_plan_level_measurement_rescales_pruning_against_the_factorizations_and_moves_the_allocation():
+    """Pruned layers whose plan-level KL is 10× their prediction, factorized ones at 2×: pruning's damages are scaled
+    by 5, which turns the allocator from pruning to factorizing where the two were close; clamped, and None where a
+    part predicts or measures nothing."""
+    assert family_scale({"prune": 0.1, "factorized": 0.05}, {"prune": 1.0, "factorized": 0.1}) == pytest.approx(5.0)
+    assert family_scale({"prune": 0.1, "factorized": 0.1}, {"prune": 1e3, "factorized": 1e-3}) == FAMILY_SCALE_LIMITS[1]
+    assert family_scale({"prune": 0.1, "factorized": 0.1}, {"prune": 1e-3, "factorized": 1e3}) == FAMILY_SCALE_LIMITS[0]
+    assert family_scale({"prune": 0.0, "factorized": 0.1}, {"prune": 0.2, "factorized": 0.1}) is None
+    assert family_scale({"prune": 0.1, "factorized": 0.1}, {"factorized": 0.1}) is None
+    options = {"a": [Option("dense", (), Cost(10, 10)), Option("prune", (4,), Cost(5, 5), 0.01),
+                     Option("cp", (3,), Cost(5, 5), 0.03)]}
+    assert allocate(options, 5, "params")["a"].method == "prune"
+    scaled = pruning_scaled(options, 5.0)
+    assert [o.damage for o in scaled["a"]] == pytest.approx([0.0, 0.05, 0.03])
+    assert allocate(scaled, 5, "params")["a"].method == "cp" and pruning_scaled(options, 1.0) is options
