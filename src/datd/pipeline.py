@@ -859,11 +859,13 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
     record: the least damaging round that meets the target; else (``_as_fast``) the least damaging plan that
     measured as fast as the fastest one; never a model slower than the original (all layers dense then, with a
     warning). ``again(choose)`` (``_probe_rounds``): the options probed for the plan at each round's budget, and
-    the prune decision there (each round's record keeps it: ``pruning``), so that a re-plan at a lower budget is not made of options never measured (CIFAR ResNet-56, latency=0.6: a
-    second round's unprobed plan predicted 0.0015 nats, measured 1.1 on the calibration images, kept 74 %).
+    the prune decision there (each round's record keeps it: ``pruning``), so that a re-plan at a lower budget is
+    not made of options never measured (CIFAR ResNet-56, latency=0.6: a second round's unprobed plan predicted
+    0.0015 nats, measured 1.1 on the calibration images, kept 74 %).
 
     ``judge(choice)`` (``_plan_kl``): the measured KL of a plan, every chosen layer replaced at once. With it, each
-    round's plan is judged by its measured KL rather than the sum of its layers' predictions (which are 3–12× low
+    round's plan is judged ("least damaging") by its measured KL rather than the sum of its layers' predictions
+    (which are 3–12× low
     at these budgets and rank plans wrongly), and the KLs of its pruned and its factorized layers alone rescale
     pruning's damages against the factorizations' for the next round (``plan.family_scale``, the sums over every
     judged round: one plan's parts alone made the scale swing between 0.6 and 21 on ResNet-20); a round in the
@@ -889,10 +891,12 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
         compressed, entries = _build(original, layers, choice, settings, progress, workers=workers)
         measured = timing.measure(compressed, timing.forms(layers, choice))
         chosen_ns = sum(o.cost.latency for o in choice.values())
-        predicted = {"prune": 0.0, "factorized": 0.0}  # unscaled
+        predicted = {"prune": 0.0, "factorized": 0.0}  # as predicted and probed, before ``scale``
         for o in choice.values():
-            if o.method != "dense":
-                predicted["prune" if o.method == "prune" else "factorized"] += o.damage / (scale if o.method == "prune" else 1)
+            if o.method == "prune":
+                predicted["prune"] += o.damage / scale
+            elif o.method != "dense":
+                predicted["factorized"] += o.damage
         record = {"budget_s": allowed * 1e-9, "predicted_ratio": 1 - (budget.dense - chosen_ns) / reference_ns,
                   "ratio": measured["ratio"], "damage": sum(predicted.values()), "search": search, "pruning": decision,
                   "pruning_scale": scale}
@@ -937,7 +941,8 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
         best = _as_fast(attempt, results, budget, max(2, rounds - len(results)), damage_of)
         warnings.warn(f"latency target {target} not reached: the fastest plan found measured {fastest:.3f} of the "
                       f"original's latency at batch {timing.example.shape[0]} (the layers' cheapest options cannot go "
-                      f"lower on this device at this batch size); returned: the least damaging plan measured as fast, "
+                      f"lower on this device at this batch size); returned: the least damaging plan measured as fast "
+                      f"({'by its measured KL' if judge is not None else 'by its predicted damage'}), "
                       f"{best[3]['ratio']:.3f} (check its accuracy)", stacklevel=3)
     compressed, entries, choice, measured, _ = best
     returned: int | None = next(i for i, r in enumerate(results) if r is best)
