@@ -99,8 +99,10 @@ def _latency_lines(report: dict) -> list[str]:
         f"- allocator: {lat['allocator']}",
     ]
     for i, r in enumerate(lat.get("rounds", []), 1):
+        judged = f", KL to the original {r['kl']:.4f} nats" if "kl" in r else ""
+        returned = " (returned)" if lat.get("returned_round") == i - 1 else ""
         lines.append(f"  - latency round {i}: budget {1e3 * r['budget_s']:.2f} ms, predicted {r['predicted_ratio']:.3f}, "
-                     f"measured {r['ratio']:.3f}")
+                     f"measured {r['ratio']:.3f}{judged}{returned}")
     return lines
 
 
