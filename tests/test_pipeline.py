@@ -324,7 +324,8 @@ def test_whether_to_prune_is_decided_again_at_every_budget_the_latency_rounds_pl
         return lambda opts: {"a": min((o for o in opts["a"] if o.cost.params <= budget), key=lambda o: o.damage)}
 
     config = datd.CompressConfig(method="auto", probe_rounds=2, fit_workers=1)
-    corrected, _, decision, again = _probe_rounds({"a": None}, options, at(6), probe, config, lambda: probe)
+    _, again = _probe_rounds({"a": None}, options, probe, config, lambda: probe)
+    corrected, decision = again(at(6))
     assert decision["kept"] is False and at(6)(corrected)["a"].ranks == (2,)  # 0.2 nats against pruning's 0.5
     tighter, decision = again(at(4))
     assert decision["kept"] is True and at(4)(tighter)["a"].method == "prune"  # 0.5 nats against CP rank 1's 0.9

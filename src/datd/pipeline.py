@@ -449,13 +449,8 @@ def compress(
     if target.metric == "latency":
         options = _options(layers, config, target, multiple, progress, latency=timing.model, model=original)  # type: ignore[union-attr]
         timings["planning"] = time.perf_counter() - tick
-        if probe is not None:
-            tick = time.perf_counter()
-            budget = _latency_budget(layers, options, timing, target).allowed  # type: ignore[arg-type]
-            options, probed, pruning, again = _probe_rounds(layers, options,
-                                                            lambda o: allocate(o, budget, "latency", producers), probe,
-                                                            config, check)
-            timings["damage probes"] = time.perf_counter() - tick
+        if probe is not None:  # each latency round probes its plan and decides on pruning at its own budget
+            probed, again = _probe_rounds(layers, options, probe, config, check)
         tick = time.perf_counter()
         compressed, entries, choice, latency = _latency_rounds(original, layers, options, timing, target, settings,  # type: ignore[arg-type]
                                                                config.latency_rounds, progress, workers, again,
@@ -490,9 +485,8 @@ def compress(
             timings["planning"] = time.perf_counter() - tick
             if probe is not None:  # 'auto' ranks: ``options`` exist
                 tick = time.perf_counter()
-                options, probed, pruning, _ = _probe_rounds(layers, options,
-                                                         lambda o: allocate(o, budget, target.metric, producers), probe,
-                                                         config, check)
+                probed, decide = _probe_rounds(layers, options, probe, config, check)
+                options, pruning = decide(lambda o: allocate(o, budget, target.metric, producers))
                 choice = allocate(options, budget, target.metric, producers)
                 timings["damage probes"] = time.perf_counter() - tick
             if config.ranks == "auto":
@@ -865,8 +859,7 @@ def _latency_rounds(original: nn.Module, layers: dict[str, _Layer], options: dic
 
     ``judge(choice)`` (``_plan_kl``): the measured KL of a plan, every chosen layer replaced at once. With it, each
     round's plan is judged ("least damaging") by its measured KL rather than the sum of its layers' predictions
-    (which are 3–12× low
-    at these budgets and rank plans wrongly), and the KLs of its pruned and its factorized layers alone rescale
+    (which are 3–300× low at these budgets and rank plans wrongly), and the KLs of its pruned and its factorized layers alone rescale
     pruning's damages against the factorizations' for the next round (``plan.family_scale``, the sums over every
     judged round: one plan's parts alone made the scale swing between 0.6 and 21 on ResNet-20); a round in the
     target's band is then re-planned at the same budget, once the scale has moved, until the plan repeats."""
@@ -993,26 +986,26 @@ def _latency_budget(layers: dict[str, _Layer], options: dict[str, list[Option]],
     return LatencyBudget.of(target.fraction, _ns(timing.reference_seconds), options, _producers(layers))
 
 
-def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
-                  choose: Callable[[dict[str, list[Option]]], dict[str, Option]], probe: DamageProbe,
-                  config: CompressConfig, check: Callable[[], DamageProbe],
-                  ) -> tuple[dict[str, list[Option]], dict[str, dict[tuple, float]], dict | None, Callable]:
-    """Measure the real damage (``DamageProbe``: the lower confidence bound, mean − 2 standard errors, so that
-    the probe images' own noise moves nothing) of every option ``choose`` picks that has not been measured
-    yet, correct each layer's predicted damages by its measurements (``plan.calibrated``) and choose again,
+def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]], probe: DamageProbe,
+                  config: CompressConfig, check: Callable[[], DamageProbe]) -> tuple[dict[str, dict[tuple, float]], Callable]:
+    """The measurements (layer -> (method, ranks) -> KL; they grow with every call) and ``decide(choose)``:
+    measure the real damage (``DamageProbe``: the lower confidence bound, mean − 2 standard errors, so that the
+    probe images' own noise moves nothing) of every option ``choose`` picks that has not been measured yet,
+    correct each layer's predicted damages by its measurements (``plan.calibrated``) and choose again,
     ``config.probe_rounds`` times at most or until the choice has been measured entirely; with method 'auto',
     then decide whether to prune at all (``_prune_or_not``: the plan without pruning gets its own rounds; the
-    two are compared on the probe images, or where they cannot tell, on those of ``check()``). Returns the
-    corrected options, the measurements (layer -> (method, ranks) -> KL), that decision (None where no plan
-    prunes) and ``again(choose)``: the same rounds and the same decision for another ``choose`` (another budget:
-    what the latency rounds re-plan at), with every measurement so far (they grow with it): its options and decision.
-    Whether pruning pays depends on the budget: CIFAR ResNet-20 at latency=0.7 kept the plan without pruning at the
-    first round's budget; the lower budgets of later rounds, decided once for all, left it only the cheapest CP
-    ranks (MACs 0.22, 71.6 % top-1, where re-deciding at each budget kept 88–90 %)."""
+    two are compared on the probe images, or where they cannot tell, on those of ``check()``). ``decide`` returns
+    the corrected options and that decision (None where no plan prunes).
+
+    A params/macs target decides once; the latency rounds decide at each round's budget, because whether pruning
+    pays depends on the budget: CIFAR ResNet-20 at latency=0.7 kept the plan without pruning at the first round's
+    budget; the lower budgets of later rounds, decided once for all, left it only the cheapest CP ranks (MACs 0.22,
+    71.6 % top-1, where re-deciding at each budget kept 88–90 %)."""
     settings = config.candidate_settings
     measured: dict[str, dict[tuple, float]] = {}
 
-    def refine(base: dict[str, list[Option]], choose=choose) -> dict[str, list[Option]]:
+    def refine(base: dict[str, list[Option]], choose: Callable[[dict[str, list[Option]]], dict[str, Option]],
+               ) -> dict[str, list[Option]]:
         corrected = {n: calibrated(opts, measured.get(n, {})) for n, opts in base.items()}
         for _ in range(config.probe_rounds):
             todo = [(n, o) for n, o in choose(corrected).items()
@@ -1033,8 +1026,7 @@ def _probe_rounds(layers: dict[str, _Layer], options: dict[str, list[Option]],
         return _prune_or_not(layers, options, corrected, choose, functools.partial(refine, choose=choose), probe, check,
                              settings, resolve_workers(config.fit_workers))
 
-    corrected, decision = decide(choose)
-    return corrected, measured, decision, decide
+    return measured, decide
 
 
 def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]], corrected: dict[str, list[Option]],
@@ -1069,8 +1061,8 @@ def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]], c
               workers)
 
     def kls(on: DamageProbe) -> tuple[Tensor, Tensor]:
-        return tuple(on.per_image([_replacement(layers[n], o, settings) for n, o in choice.items() if o.method != "dense"])
-                     for choice in (with_pruning, without_pruning))  # type: ignore[return-value]
+        return tuple(_plan_per_image(layers, settings, on, choice)  # type: ignore[return-value]
+                     for choice in (with_pruning, without_pruning))
 
     kl_with, kl_without = kls(probe)
     difference, error = mean_and_error(kl_with - kl_without)
@@ -1085,11 +1077,18 @@ def _prune_or_not(layers: dict[str, _Layer], options: dict[str, list[Option]], c
     return (corrected if decision["kept"] else without), decision
 
 
+def _plan_per_image(layers: dict[str, _Layer], settings: FitSettings, on: DamageProbe,
+                    choice: dict[str, Option]) -> Tensor:
+    """The KL of each of ``on``'s images (nats) with every chosen layer of the plan replaced at once."""
+    return on.per_image([_replacement(layers[n], o, settings) for n, o in choice.items() if o.method != "dense"])
+
+
 def _plan_kl(layers: dict[str, _Layer], settings: FitSettings, check: Callable[[], DamageProbe],
              choice: dict[str, Option]) -> float:
     """The mean KL (nats per image, on the images of ``check()``) of the model with every chosen layer replaced."""
-    replacements = [_replacement(layers[n], o, settings) for n, o in choice.items() if o.method != "dense"]
-    return float(check().per_image(replacements).mean()) if replacements else 0.0
+    if all(o.method == "dense" for o in choice.values()):
+        return 0.0
+    return float(_plan_per_image(layers, settings, check(), choice).mean())
 
 
 def _replacement(layer: _Layer, option: Option, settings: FitSettings) -> tuple[nn.Module, Tensor, Tensor | None]:
